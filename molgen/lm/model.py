@@ -1,0 +1,163 @@
+"""Qwen3 decoder in Flax linen (REFERENCE.md section 1).
+
+Pre-norm RMSNorm (fp32), QK-norm per head before RoPE (theta 1e6, rotate-half), GQA,
+SwiGLU, no biases, tied embeddings. The same module trains on packed sequences and
+decodes with a KV cache: callers pass an explicit boolean mask [B, T, S] built by
+`packed_mask` (training) or `cache_mask` (decoding), and with a cache the new keys and
+values are written at the slots given by `positions` (slot == position).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3Config:
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    rope_theta: float = 1e6
+    norm_eps: float = 1e-6
+    dtype: str = "float32"
+    remat: bool = False
+
+    @classmethod
+    def from_config(cls, cfg) -> "Qwen3Config":
+        return cls(**{f.name: cfg[f.name] for f in dataclasses.fields(cls)})
+
+
+_init = nn.initializers.normal(0.02)
+
+
+class RMSNorm(nn.Module):
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope(x_BxTxHxD, positions_BxT, theta: float):
+    d = x_BxTxHxD.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    freqs = positions_BxT.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    x1, x2 = jnp.split(x_BxTxHxD.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x_BxTxHxD.astype(jnp.float32) * cos + rotated * sin).astype(x_BxTxHxD.dtype)
+
+
+def packed_mask(segment_ids_BxT):
+    """Causal attention within each packed segment; segment 0 is padding."""
+    t = segment_ids_BxT.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    same = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+    return causal[None] & same & (segment_ids_BxT[:, None, :] > 0)
+
+
+def cache_mask(positions_BxT, cache_len: int):
+    """A query at position p sees cache slots 0..p."""
+    return jnp.arange(cache_len)[None, None, :] <= positions_BxT[:, :, None]
+
+
+def init_cache(cfg: Qwen3Config, batch: int, length: int, dtype=None):
+    dtype = dtype or DTYPES[cfg.dtype]
+    shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
+
+
+class Attention(nn.Module):
+    cfg: Qwen3Config
+
+    @nn.compact
+    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache=None):
+        c, dtype = self.cfg, DTYPES[self.cfg.dtype]
+        b, t, _ = x_BxTxD.shape
+        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=dtype, kernel_init=_init, name=name)  # noqa: E731
+        q = dense(c.n_heads * c.head_dim, "q_proj")(x_BxTxD).reshape(b, t, c.n_heads, c.head_dim)
+        k = dense(c.n_kv_heads * c.head_dim, "k_proj")(x_BxTxD).reshape(b, t, c.n_kv_heads, c.head_dim)
+        v = dense(c.n_kv_heads * c.head_dim, "v_proj")(x_BxTxD).reshape(b, t, c.n_kv_heads, c.head_dim)
+        q = rope(RMSNorm(c.norm_eps, name="q_norm")(q), positions_BxT, c.rope_theta)
+        k = rope(RMSNorm(c.norm_eps, name="k_norm")(k), positions_BxT, c.rope_theta)
+        if cache is not None:  # write at slot == position, then attend over the whole cache
+            rows = jnp.arange(b)[:, None]
+            k = cache["k"].at[rows, positions_BxT].set(k.astype(cache["k"].dtype))
+            v = cache["v"].at[rows, positions_BxT].set(v.astype(cache["v"].dtype))
+            cache = {"k": k, "v": v}
+        g = c.n_heads // c.n_kv_heads
+        q_BxTxKxGxD = q.reshape(b, t, c.n_kv_heads, g, c.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k.astype(q.dtype)).astype(jnp.float32)
+        scores = scores * (c.head_dim**-0.5)
+        scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dtype)).reshape(b, t, c.n_heads * c.head_dim)
+        return dense(x_BxTxD.shape[-1], "o_proj")(out), cache
+
+
+class MLP(nn.Module):
+    cfg: Qwen3Config
+
+    @nn.compact
+    def __call__(self, x):
+        dtype = DTYPES[self.cfg.dtype]
+        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=dtype, kernel_init=_init, name=name)  # noqa: E731
+        h = nn.silu(dense(self.cfg.d_ff, "gate_proj")(x)) * dense(self.cfg.d_ff, "up_proj")(x)
+        return dense(x.shape[-1], "down_proj")(h)
+
+
+class Block(nn.Module):
+    cfg: Qwen3Config
+
+    @nn.compact
+    def __call__(self, x, positions, mask, cache=None):
+        h, cache = Attention(self.cfg, name="attn")(RMSNorm(self.cfg.norm_eps, name="input_norm")(x), positions, mask, cache)
+        x = x + h
+        x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg.norm_eps, name="post_attn_norm")(x))
+        return x, cache
+
+
+class Qwen3(nn.Module):
+    cfg: Qwen3Config
+
+    @nn.compact
+    def __call__(self, tokens_BxT, positions_BxT, mask_BxTxS, cache=None):
+        """Logits [B, T, V] (float32) and the updated cache (None without one)."""
+        c, dtype = self.cfg, DTYPES[self.cfg.dtype]
+        embed = nn.Embed(c.vocab_size, c.d_model, embedding_init=_init, name="embed")
+        x = embed(tokens_BxT).astype(dtype)
+        block = nn.remat(Block, static_argnums=()) if c.remat else Block
+        new_cache = []
+        for i in range(c.n_layers):
+            x, layer_cache = block(c, name=f"layers_{i}")(x, positions_BxT, mask_BxTxS, None if cache is None else cache[i])
+            new_cache.append(layer_cache)
+        x = RMSNorm(c.norm_eps, name="final_norm")(x)
+        logits = embed.attend(x.astype(dtype)).astype(jnp.float32)
+        return logits, (new_cache if cache is not None else None)
+
+
+def count_params(params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def flops_per_token(cfg: Qwen3Config, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 6N matmul FLOPs plus attention)."""
+    d, h, kv, hd, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+    per_layer = d * h * hd * 2 + d * kv * hd * 2 + 3 * d * f
+    matmul = cfg.n_layers * per_layer + cfg.vocab_size * d
+    attn = cfg.n_layers * 2 * seq_len * h * hd  # QK^T and PV, causal average ~ seq_len/2 each, x2 flops
+    return 6.0 * matmul + 3.0 * attn

@@ -1,0 +1,109 @@
+"""Chemistry-aware tokenizer for enriched-SMILES units; decode(encode(text)) == text exactly.
+
+Outside `<...>` the text is split into SMILES tokens (bracket atoms, organic atoms,
+bonds, branches, ring digits, tags). A coordinate block `<-2.7704,1.211,0.3>` becomes
+`<-2` `.77` `04` `,1` `.21` `1` `,0` `.3` `>`: a delimiter fused with the signed integer
+part, then the decimals in pairs. Anything else falls back to one token per ASCII
+character, so every ASCII string round-trips. The vocabulary is a fixed enumeration
+(no training), identical on every machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import numpy as np
+
+from molgen.chem.enriched import CONF_END, CONF_TAG, SMILES_END, SMILES_TAG, smiles_tokens
+
+PAD, EOT = "<pad>", "<eot>"
+SPECIALS = (PAD, EOT, SMILES_TAG, SMILES_END, CONF_TAG, CONF_END)
+_ELEMENTS = ("C", "N", "O", "S", "P", "F", "Cl", "Br", "I", "B", "Si", "Se", "H", "c", "n", "o", "s", "p", "b", "se")
+_CHIRAL = ("", "@", "@@")
+_HCOUNT = ("", "H", "H2", "H3")
+_CHARGE = ("", "+", "-", "+2", "-2")
+_NUM = r"(-?\d+)(?:\.(\d{1,4}))?"
+_COORD_RE = re.compile(f"<{_NUM},{_NUM},{_NUM}>")
+_PIECE_RE = re.compile(r"(<[^<>]*>)")
+_TAG_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIALS) + ")")
+
+
+@functools.lru_cache(maxsize=1)
+def vocab() -> tuple[str, ...]:
+    toks: list[str] = list(SPECIALS)
+    toks += ["Cl", "Br", "B", "C", "N", "O", "P", "S", "F", "I", "b", "c", "n", "o", "p", "s"]
+    toks += list("-=#$:/\\.()") + [str(d) for d in range(10)] + [f"%{d}" for d in range(10, 100)]
+    toks += [f"[{e}{c}{h}{q}]" for e in _ELEMENTS for c in _CHIRAL for h in _HCOUNT for q in _CHARGE]
+    ints = ["-0"] + [str(i) for i in range(-99, 100)]
+    toks += [p + i for p in "<," for i in ints] + [">"]
+    toks += [f".{d}" for d in range(10)] + [f".{d:02d}" for d in range(100)] + [f"{d:02d}" for d in range(100)]
+    toks += [chr(c) for c in range(32, 127)]
+    seen, out = set(), []
+    for t in toks:
+        if t not in seen:
+            seen.add(t)
+            out.append(t)
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=1)
+def _index() -> dict[str, int]:
+    return {t: i for i, t in enumerate(vocab())}
+
+
+PAD_ID, EOT_ID = 0, 1
+SMILES_ID, SMILES_END_ID, CONF_ID, CONF_END_ID = 2, 3, 4, 5
+
+
+def vocab_size(multiple: int = 128) -> int:
+    """Vocabulary size padded to a multiple (for matmul-friendly embeddings)."""
+    n = len(vocab())
+    return -(-n // multiple) * multiple
+
+
+def _coord_pieces(block: str) -> list[str] | None:
+    """Split `<x,y,z>` into tokens; None if the block is not a coordinate triple we cover."""
+    m = _COORD_RE.fullmatch(block)
+    if m is None:
+        return None
+    out, idx = [], _index()
+    for delim, (ipart, frac) in zip("<,,", zip(m.groups()[::2], m.groups()[1::2])):
+        if delim + ipart not in idx:
+            return None
+        out.append(delim + ipart)
+        if frac is not None:
+            out += [f".{frac[:2]}"] + ([frac[2:]] if len(frac) > 2 else [])
+    return out + [">"]
+
+
+def _strings(text: str) -> list[str]:
+    idx, out = _index(), []
+    for piece in _PIECE_RE.split(text):
+        if not piece:
+            continue
+        coords = _coord_pieces(piece) if piece.startswith("<") else None
+        if coords is not None:
+            out += coords
+            continue
+        for chunk in _TAG_RE.split(piece):
+            if chunk in SPECIALS:
+                out.append(chunk)
+                continue
+            for tok in smiles_tokens(chunk):
+                out += [tok] if tok in idx else list(tok)
+    return out
+
+
+def encode(text: str) -> np.ndarray:
+    """Token ids (int32) of `text`; raises ValueError naming the character if it is not ASCII."""
+    idx = _index()
+    try:
+        return np.asarray([idx[t] for t in _strings(text)], np.int32)
+    except KeyError as e:
+        raise ValueError(f"character {e.args[0]!r} has no token (text {text[:60]!r})") from None
+
+
+def decode(ids) -> str:
+    v = vocab()
+    return "".join(v[int(i)] for i in ids if 0 < int(i) < len(v) and int(i) != EOT_ID)

@@ -1,0 +1,79 @@
+"""Qwen3 model: parity with transformers, KV cache, parameter count of the presets."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from molgen.lm import convert
+from molgen.lm.model import Qwen3, Qwen3Config, cache_mask, count_params, init_cache, packed_mask
+
+TINY = Qwen3Config(vocab_size=384, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=160)
+
+
+def _init(cfg, b=2, t=16, seed=0):
+    tok = jnp.zeros((b, t), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    return Qwen3(cfg).init(jax.random.key(seed), tok, pos, packed_mask(jnp.ones((b, t), jnp.int32)))["params"]
+
+
+def test_logits_match_transformers_qwen3():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_cfg = transformers.Qwen3Config(**convert.config_to_hf(TINY), attn_implementation="eager")
+    hf = transformers.Qwen3ForCausalLM(hf_cfg).eval()
+    with torch.no_grad():  # random (not zero) norm scales so QK-norm and the norms are exercised
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    tensors = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    params = convert.hf_to_params(tensors, TINY)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, TINY.vocab_size, size=(2, 24))
+    with torch.no_grad():
+        ref = hf(torch.tensor(tokens)).logits.numpy()
+    pos = jnp.broadcast_to(jnp.arange(24), (2, 24))
+    ours, _ = Qwen3(TINY).apply({"params": params}, jnp.asarray(tokens), pos, packed_mask(jnp.ones((2, 24), jnp.int32)))
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=1e-4)
+    back = convert.params_to_hf(params, TINY)
+    assert all(np.array_equal(back[k], tensors[k]) for k in back)
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    params = _init(TINY)
+    model = Qwen3(TINY)
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.integers(0, TINY.vocab_size, size=(2, 12)))
+    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    full, _ = model.apply({"params": params}, tokens, pos, packed_mask(jnp.ones((2, 12), jnp.int32)))
+    cache = init_cache(TINY, 2, 16)
+    logits, cache = model.apply({"params": params}, tokens[:, :5], pos[:, :5], cache_mask(pos[:, :5], 16), cache)
+    steps = [logits]
+    for t in range(5, 12):
+        p = pos[:, t : t + 1]
+        logits, cache = model.apply({"params": params}, tokens[:, t : t + 1], p, cache_mask(p, 16), cache)
+        steps.append(logits)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+
+
+def test_packed_segments_do_not_attend_across_molecules():
+    params = _init(TINY)
+    model = Qwen3(TINY)
+    rng = np.random.default_rng(2)
+    a, b = rng.integers(0, TINY.vocab_size, 7), rng.integers(0, TINY.vocab_size, 9)
+    packed = jnp.asarray(np.concatenate([a, b])[None])
+    seg = jnp.asarray([[1] * 7 + [2] * 9])
+    pos = jnp.asarray([list(range(7)) + list(range(9))])
+    out, _ = model.apply({"params": params}, packed, pos, packed_mask(seg))
+    alone, _ = model.apply({"params": params}, jnp.asarray(b[None]), jnp.arange(9)[None], packed_mask(jnp.ones((1, 9), jnp.int32)))
+    np.testing.assert_allclose(out[:, 7:], alone, atol=1e-5)
+
+
+def test_qwen3_06b_preset_has_596m_parameters():
+    from configs import lm_models
+
+    cfg = Qwen3Config.from_config(lm_models.get("qwen3_0.6b"))
+    shapes = jax.eval_shape(lambda: _init(cfg, b=1, t=1))
+    n = count_params(shapes)
+    assert abs(n - 596e6) / 596e6 < 0.01, n
