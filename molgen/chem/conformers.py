@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import numpy as np
 from rdkit import Chem
 from rdkit.Chem import rdMolAlign
+
+from molgen.chem import enriched
 
 
 def best_rms(probe: Chem.Mol, ref: Chem.Mol, probe_id: int = -1, ref_id: int = -1) -> float:
@@ -38,3 +42,45 @@ def coverage_matching(d: np.ndarray, delta: float = 0.75) -> dict[str, float]:
         "cov_p": float(np.mean(min_p <= delta)),
         "mat_p": mean(min_p),
     }
+
+
+def check_sample(text: str, prompt_smiles: str):
+    """(molecule or None, failure reason or ""): tags present, decodes, same graph as the prompt."""
+    try:
+        smi, enr = enriched.split_unit(text)
+    except enriched.EnrichedError:
+        return None, "tags"
+    try:
+        mol = enriched.decode(enr)
+    except enriched.EnrichedError:
+        return None, "decode"
+    except Exception:  # RDKit sanitisation errors and the like
+        return None, "decode"
+    if not enriched.same_graph(mol, prompt_smiles):
+        return None, "graph"
+    return mol, ""
+
+
+def score_molecule(job):
+    """Pool worker: (smiles, [reference enriched], [generated texts], delta) -> per-molecule record."""
+    smiles, refs, texts, delta = job
+    ref = None
+    for r in refs:
+        m = enriched.decode(r)
+        if ref is None:
+            ref = Chem.Mol(m)
+        else:
+            ref.AddConformer(m.GetConformer(), assignId=True)
+    gens, reasons = [], defaultdict(int)
+    for t in texts:
+        mol, why = check_sample(t, smiles)
+        reasons[why or "valid"] += 1
+        if mol is not None:
+            gens.append(mol)
+    d = rmsd_matrix(gens, ref) if gens else np.zeros((0, len(refs)))
+    rec = {"smiles": smiles, "n_ref": len(refs), "n_gen": len(texts), "n_valid": len(gens), "reasons": dict(reasons)}
+    rec.update(coverage_matching(d, delta))
+    rec["min_rmsd"] = [float(x) for x in (np.nan_to_num(d, nan=99.0).min(axis=1) if len(gens) else [])]
+    rec["ref_min"] = [float(x) for x in (np.nan_to_num(d, nan=99.0).min(axis=0) if len(gens) else [99.0] * len(refs))]
+    rec["valid_sdf"] = [Chem.MolToMolBlock(g) for g in gens]
+    return rec

@@ -151,3 +151,19 @@ def embed_conformers(smiles: str, n: int, seed: int, mmff: bool = True) -> Chem.
     if not all(np.isfinite(mol.GetConformer(i).GetPositions()).all() for i in ids):
         raise EnrichedError(f"non-finite coordinates for {smiles!r}")
     return mol
+
+
+def embed_job(job):
+    """Pool worker: (split, mol_index, smiles, n_conf, seed, mmff) -> (job, units | error string).
+
+    Lives here (not in the data module) so spawned workers import only RDKit."""
+    split, idx, smi, n_conf, seed, mmff = job
+    try:
+        mol = embed_conformers(smi, n_conf, seed=seed, mmff=mmff)
+        out = []
+        for k, conf in enumerate(mol.GetConformers()):
+            can, enr = encode(mol, conf.GetId())
+            out.append({"smiles": can, "enriched": enr, "mol_index": idx, "conf_index": k})
+        return job, out
+    except Exception as e:  # one bad molecule never stops the build
+        return job, f"{type(e).__name__}: {e}"

@@ -1,0 +1,113 @@
+"""The training loop every family shares: resume, step, log, evaluate, checkpoint, NaN guard.
+
+Metrics are fetched one step late so the host never waits on the device between steps;
+before every checkpoint the current step's metrics are checked, so a checkpoint never
+holds a non-finite state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from molgen.core import checkpoint, optim
+from molgen.core import logging as mlog
+from molgen.core.step import TrainState, global_batch, make_train_step, replicate
+
+log = logging.getLogger("molgen")
+
+
+def local_streams(mesh) -> list[int]:
+    """Mesh ("data") indices of this process's devices: the data streams it must produce."""
+    return [i for i, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()]
+
+
+def _state_dict(state: TrainState) -> dict:
+    return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+
+
+def _fetch(metrics) -> dict:
+    return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+
+
+def fit(config, workdir: str, *, mesh, params, loss_fn: Callable, train_data, eval_fn: Callable | None = None,
+        items_per_step: Callable[[dict], float] | None = None, item_name: str = "tokens",
+        meta: dict | None = None) -> tuple[TrainState, dict]:
+    """Train `params` for `config.train.steps` steps; returns (final state, last eval metrics).
+
+    `train_data`: a Grain IterDataset of this process's batch rows (checkpointed with the state).
+    `eval_fn(params, step) -> dict`: evaluation metrics ("eval/" is prefixed when logging).
+    """
+    tc, steps = config.train, config.train.steps
+    tx, schedule = optim.make_optimizer(config.optim, steps)
+    state = TrainState.create(params, tx)
+    mgr = checkpoint.manager(workdir, config.ckpt)
+    data_iter = iter(train_data)
+    restored = checkpoint.restore_latest(mgr, jax.eval_shape(lambda: _state_dict(state)), data_iter)
+    if restored is not None:
+        sd, saved_meta, start = restored
+        state = state.replace(step=jnp.asarray(sd["step"]), params=sd["params"], opt_state=sd["opt_state"])
+        log.info("resumed from %s at step %d (meta %s)", mgr.directory, start, saved_meta)
+    else:
+        start = 0
+        if config.ckpt.init_from:
+            state = TrainState.create(checkpoint.restore_params(config.ckpt.init_from, state.params), tx)
+    state = replicate(state, mesh)
+    step_fn = make_train_step(
+        loss_fn, mesh, extra_metrics=lambda s, g: {"lr": jnp.asarray(schedule(s.step), jnp.float32)}
+    )
+    writer = mlog.MetricWriter(workdir)
+    progress = mlog.Progress(steps, start, item_name)
+    rng = jax.random.key(tc.seed)
+    pending, eval_metrics = None, {}
+    meta = dict(meta or {})
+
+    def report(step, m):
+        mlog.check_finite(step, m)
+        writer.write(step, m, "train/")
+        if step % tc.log_every == 0 or step == steps:
+            per_step = items_per_step(m) if items_per_step else 0.0
+            log.info(progress.line(step, m, per_step))
+
+    try:
+        for step in range(start + 1, steps + 1):
+            batch = global_batch(next(data_iter), mesh)
+            state, metrics = step_fn(state, batch, rng)
+            if pending is not None:
+                report(*pending)
+                pending = None
+            pending = (step, metrics)
+            do_eval = eval_fn is not None and (step % tc.eval_every == 0 or step == steps)
+            do_save = step % config.ckpt.every_steps == 0 or step == steps
+            if do_eval or do_save:
+                report(step, _fetch(metrics))
+                pending = None
+            if do_eval:
+                eval_metrics = eval_fn(state.params, step)
+                writer.write(step, eval_metrics, "eval/")
+                log.info("eval step %d: %s", step, " ".join(f"{k} {v:.4g}" for k, v in eval_metrics.items()))
+            if do_save:
+                ck_metrics = {f"eval/{k}": v for k, v in eval_metrics.items()} if do_eval else None
+                checkpoint.save(mgr, step, _state_dict(state), data_iter, {**meta, "step": step}, ck_metrics)
+        if pending is not None:
+            pending = (pending[0], _fetch(pending[1]))
+            report(*pending)
+    finally:
+        mgr.wait_until_finished()
+        writer.flush()
+    multihost_utils.sync_global_devices("molgen_fit_done")
+    return state, eval_metrics
+
+
+def write_json(workdir: str, name: str, obj) -> None:
+    if jax.process_index() == 0:
+        path = pathlib.Path(workdir) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj, indent=2, default=str))

@@ -1,0 +1,95 @@
+"""Pretraining of the molecular language model: `train_and_evaluate(config, workdir)`."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.experimental import multihost_utils
+
+from molgen.core import loop
+from molgen.core.distributed import make_mesh
+from molgen.core.step import global_batch, make_eval_step
+from molgen.lm import data as lm_data
+from molgen.lm import evaluate
+from molgen.lm.model import Qwen3, Qwen3Config, count_params, packed_mask
+
+log = logging.getLogger("molgen")
+
+
+def lm_loss(model: Qwen3):
+    """Next-token cross-entropy summed over targets inside the same packed segment."""
+
+    def loss_fn(params, batch, rng):
+        del rng
+        tokens, seg = batch["tokens"], batch["segment_ids"]
+        logits, _ = model.apply({"params": params}, tokens, batch["positions"], packed_mask(seg))
+        logits, targets = logits[:, :-1], tokens[:, 1:]
+        valid = ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)).astype(jnp.float32)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+        aux = {"weight": valid.sum(), "loss": (nll * valid).sum(), "accuracy": (correct * valid).sum()}
+        return (nll * valid).sum(), aux
+
+    return loss_fn
+
+
+def build_data(config):
+    """Build the TFDS dataset on process 0 (others wait), then open it everywhere."""
+    if jax.process_index() == 0:
+        builder = lm_data.build(config.data, config.data.data_dir)
+        counts = lm_data.report(builder)["counts"]
+        log.info("dataset %s: %s", builder.data_dir, counts)
+    multihost_utils.sync_global_devices("molgen_data_built")
+    return lm_data.build(config.data, config.data.data_dir)
+
+
+def init_params(model_cfg: Qwen3Config, seed: int):
+    tok = jnp.zeros((1, 8), jnp.int32)
+    pos = jnp.arange(8)[None]
+    return jax.jit(lambda k: Qwen3(model_cfg).init(k, tok, pos, packed_mask(jnp.ones_like(tok)))["params"])(
+        jax.random.key(seed)
+    )
+
+
+def train_and_evaluate(config, workdir: str):
+    mesh = make_mesh(config.mesh.num_devices)
+    model_cfg = Qwen3Config.from_config(config.model)
+    model = Qwen3(model_cfg)
+    loop.write_json(workdir, "model_config.json", dataclasses.asdict(model_cfg))
+    builder = build_data(config)
+    source = builder.as_data_source()
+    n_streams, streams = mesh.shape["data"], loop.local_streams(mesh)
+    dc, tc = config.data, config.train
+    train = lm_data.pipeline(source["train"], global_batch=tc.batch_size, seq_len=dc.seq_len, seed=tc.seed,
+                             streams=streams, n_streams=n_streams, packing_bins=dc.packing_bins)
+    params = init_params(model_cfg, tc.seed)
+    log.info("model %s: %.2fM parameters", config.model.preset, count_params(params) / 1e6)
+    loss_fn = lm_loss(model)
+    eval_step = make_eval_step(loss_fn, mesh)
+
+    def eval_fn(params, step):
+        val = lm_data.pipeline(source["validation"], global_batch=tc.batch_size, seq_len=dc.seq_len, seed=0,
+                               streams=streams, n_streams=n_streams, train=False, packing_bins=dc.packing_bins)
+        sums, weight = {}, 0.0
+        for _, batch in zip(range(tc.eval_batches), val):
+            m = jax.device_get(eval_step(params, global_batch(batch, mesh), jax.random.key(0)))
+            for k, v in m.items():
+                if k != "weight":
+                    sums[k] = sums.get(k, 0.0) + float(v) * float(m["weight"])
+            weight += float(m["weight"])
+        return {k: v / max(weight, 1.0) for k, v in sums.items()}
+
+    def tokens_per_step(m):
+        return tc.batch_size * dc.seq_len
+
+    state, _ = loop.fit(config, workdir, mesh=mesh, params=params, loss_fn=loss_fn, train_data=train,
+                        eval_fn=eval_fn, items_per_step=tokens_per_step, meta={"family": "lm", "stage": "pretrain"})
+    if config.eval.num_molecules > 0:
+        params = jax.device_get(state.params)
+        results = evaluate.evaluate(config, workdir, model_cfg, params, source["test"])
+        log.info("conformer evaluation: %s", {k: v for k, v in results.items() if not isinstance(v, (list, dict))})
+    return state

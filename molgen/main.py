@@ -1,0 +1,51 @@
+"""molgen entry point.
+
+    python -m molgen.main --config=experiments/NAME.py --workdir=runs/x [--config.train.lr=3e-4 ...]
+
+Multi-process: pass --coordinator_address/--num_processes/--process_id (launch/local.sh
+does), or run under SLURM with several tasks; see molgen.core.distributed.
+"""
+
+import importlib
+import json
+import os
+import pathlib
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FAMILIES = {"lm": "molgen.lm.pretrain"}  # config.family -> module with train_and_evaluate(config, workdir)
+
+config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory: config, logs, metrics, checkpoints, plots.")
+flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for jax.distributed.")
+flags.DEFINE_integer("num_processes", 0, "Number of processes for jax.distributed.")
+flags.DEFINE_integer("process_id", -1, "This process's index for jax.distributed.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from absl import logging as absl_logging
+
+    from molgen.core import distributed
+    from molgen.core import logging as mlog
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/tfds chatter; molgen logs to its own logger
+
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    import jax
+
+    config, workdir = FLAGS.config, os.path.abspath(FLAGS.workdir)
+    if config.family not in FAMILIES:
+        raise app.UsageError(f"config.family={config.family!r} is not one of {sorted(FAMILIES)}")
+    mlog.setup(workdir)
+    if jax.process_index() == 0:
+        (pathlib.Path(workdir) / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+    importlib.import_module(FAMILIES[config.family]).train_and_evaluate(config, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

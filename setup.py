@@ -1,0 +1,46 @@
+"""molgen: a JAX-first research codebase for molecular machine learning."""
+
+from setuptools import find_packages, setup
+
+CORE = [
+    # The stack checked together on Python 3.11 (REFERENCE.md section 5). Pinned because
+    # orbax/grain/flax change checkpoint and iterator formats between minor releases.
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "tensorflow-datasets==4.9.10",
+    "importlib_resources",  # tfds imports it without declaring it
+    "array-record",
+    "ml-collections==1.1.0",
+    "chex==0.1.92",
+    "absl-py",
+    "numpy",
+    "matplotlib",
+    "tensorboardX",
+    "flatbuffers",  # jax.export serialization
+]
+EXTRAS = {
+    # molsets (MOSES data) is not listed: its metadata pins pomegranate==0.12.0, which does not
+    # build on 3.11. molgen.chem.moses reads the SMILES straight from the wheel instead.
+    "lm": ["rdkit", "safetensors"],
+    # torch==2.13.0 is the CPU wheel on this machine's disk; any other version pulls CUDA builds.
+    "hf": ["torch==2.13.0", "transformers", "safetensors"],
+    "cg": [],
+    "crystal": [],
+    "atomica": [],
+    "test": ["pytest", "ruff"],
+}
+EXTRAS["all"] = sorted({p for v in EXTRAS.values() for p in v})
+
+setup(
+    name="molgen",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.11",
+    packages=find_packages(include=["molgen", "molgen.*", "configs"]),
+    install_requires=CORE,
+    extras_require=EXTRAS,
+)
