@@ -5,16 +5,27 @@ import ml_collections
 
 def optim(**kw) -> ml_collections.ConfigDict:
     cfg = dict(
-        name="adamw", lr=8e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
-        schedule="wsd", warmup_steps=100, final_lr_frac=0.0, wsd_period=0, wsd_decay_frac=0.1,
+        name="adamw",
+        lr=8e-4,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.1,
+        clip_norm=1.0,
+        schedule="wsd",
+        warmup_steps=100,
+        final_lr_frac=0.0,
+        wsd_period=0,
+        wsd_decay_frac=0.1,
     )
     cfg.update(kw)
     return ml_collections.ConfigDict(cfg)
 
 
 def ckpt(**kw) -> ml_collections.ConfigDict:
-    cfg = dict(every_steps=200, keep=3, keep_best=1, best_metric="eval/loss", best_mode="min",
-               async_save=True, init_from="")
+    cfg = dict(
+        every_steps=200, keep=3, keep_best=1, best_metric="eval/loss", best_mode="min", async_save=True, init_from=""
+    )
     cfg.update(kw)
     return ml_collections.ConfigDict(cfg)
 

@@ -19,9 +19,19 @@ def get(name: str) -> ml_collections.ConfigDict:
     if name not in _PRESETS:
         raise KeyError(f"unknown model preset {name!r}; known: {sorted(_PRESETS)}")
     d, n_layers, h, kv, hd, ff = _PRESETS[name]
-    return ml_collections.ConfigDict(dict(
-        preset=name,
-        vocab_size=151936 if name == "qwen3_0.6b" else tokenizer.vocab_size(),
-        d_model=d, n_layers=n_layers, n_heads=h, n_kv_heads=kv, head_dim=hd, d_ff=ff,
-        rope_theta=1e6, norm_eps=1e-6, dtype="float32", remat=False,
-    ))
+    return ml_collections.ConfigDict(
+        dict(
+            preset=name,
+            vocab_size=151936 if name == "qwen3_0.6b" else tokenizer.vocab_size(),
+            d_model=d,
+            n_layers=n_layers,
+            n_heads=h,
+            n_kv_heads=kv,
+            head_dim=hd,
+            d_ff=ff,
+            rope_theta=1e6,
+            norm_eps=1e-6,
+            dtype="float32",
+            remat=False,
+        )
+    )

@@ -15,15 +15,37 @@ from configs import common, lm_models
 def get_config():
     cfg = common.base("lm")
     cfg.model = lm_models.get("cpu_small")
-    cfg.data = ml_collections.ConfigDict(dict(
-        data_dir="~/.cache/molgen/tfds", n_train=6000, n_val=200, n_test=100, conformers=2, test_conformers=5,
-        seed=0, mmff=True, workers=2, source_train="", source_test="", seq_len=1024, packing_bins=16,
-    ))
+    cfg.data = ml_collections.ConfigDict(
+        dict(
+            data_dir="~/.cache/molgen/tfds",
+            n_train=6000,
+            n_val=200,
+            n_test=100,
+            conformers=2,
+            test_conformers=5,
+            seed=0,
+            mmff=True,
+            workers=2,
+            source_train="",
+            source_test="",
+            seq_len=1024,
+            packing_bins=16,
+        )
+    )
     cfg.optim = common.optim(lr=2e-3, warmup_steps=50, weight_decay=0.05, wsd_decay_frac=0.2)
     cfg.train = common.train(steps=800, batch_size=8, log_every=20, eval_every=200, eval_batches=4)
     cfg.ckpt = common.ckpt(every_steps=200)
-    cfg.eval = ml_collections.ConfigDict(dict(
-        num_molecules=100, samples_per_ref=2, max_new_tokens=640, batch_size=100, temperature=1.0,
-        top_k=0, top_p=1.0, delta=0.75, seed=0,
-    ))
+    cfg.eval = ml_collections.ConfigDict(
+        dict(
+            num_molecules=100,
+            samples_per_ref=2,
+            max_new_tokens=640,
+            batch_size=100,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            delta=0.75,
+            seed=0,
+        )
+    )
     return cfg

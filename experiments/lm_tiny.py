@@ -1,10 +1,10 @@
 """Tiny LM run for tests and smoke checks (seconds on a CPU).
 
-    python -m molgen.main --config=experiments/lm_tiny.py --workdir=runs/lm_tiny
+python -m molgen.main --config=experiments/lm_tiny.py --workdir=runs/lm_tiny
 """
 
-from configs import common, lm_models
 import experiments.lm_quickstart as base  # noqa: E402
+from configs import common, lm_models
 
 
 def get_config():

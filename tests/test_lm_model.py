@@ -66,7 +66,9 @@ def test_packed_segments_do_not_attend_across_molecules():
     seg = jnp.asarray([[1] * 7 + [2] * 9])
     pos = jnp.asarray([list(range(7)) + list(range(9))])
     out, _ = model.apply({"params": params}, packed, pos, packed_mask(seg))
-    alone, _ = model.apply({"params": params}, jnp.asarray(b[None]), jnp.arange(9)[None], packed_mask(jnp.ones((1, 9), jnp.int32)))
+    alone, _ = model.apply(
+        {"params": params}, jnp.asarray(b[None]), jnp.arange(9)[None], packed_mask(jnp.ones((1, 9), jnp.int32))
+    )
     np.testing.assert_allclose(out[:, 7:], alone, atol=1e-5)
 
 

@@ -46,7 +46,9 @@ def read_smiles(split: str, path: str | None = None) -> list[str]:
             raise ValueError(f"unknown MOSES split {split!r}; expected one of {SPLITS}")
         member = f"moses/dataset/data/{split}.csv.gz"
         spec = importlib.util.find_spec("moses")
-        local = pathlib.Path(spec.origin).parent / "dataset" / "data" / f"{split}.csv.gz" if spec and spec.origin else None
+        local = (
+            pathlib.Path(spec.origin).parent / "dataset" / "data" / f"{split}.csv.gz" if spec and spec.origin else None
+        )
         if local is not None and local.exists():
             raw, name = local.read_bytes(), str(local)
         else:

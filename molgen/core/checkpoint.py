@@ -63,8 +63,13 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state, data_iter):
             state, meta = _restore_step(mgr, step, abstract_state, data_iter)
             return state, meta, step
         except Exception as e:  # a corrupt or partial checkpoint: fall back to the previous one
-            log.warning("checkpoint %s/%d does not restore (%s: %s); falling back to the previous one",
-                        mgr.directory, step, type(e).__name__, str(e).splitlines()[0][:300])
+            log.warning(
+                "checkpoint %s/%d does not restore (%s: %s); falling back to the previous one",
+                mgr.directory,
+                step,
+                type(e).__name__,
+                str(e).splitlines()[0][:300],
+            )
     return None
 
 

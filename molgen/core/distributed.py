@@ -31,13 +31,20 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if coordinator_address:
         if num_processes <= 0 or not 0 <= process_id < num_processes:
-            raise ValueError(f"coordinator_address={coordinator_address!r} needs num_processes>0 and "
-                             f"0<=process_id<num_processes (got {num_processes}, {process_id})")
+            raise ValueError(
+                f"coordinator_address={coordinator_address!r} needs num_processes>0 and "
+                f"0<=process_id<num_processes (got {num_processes}, {process_id})"
+            )
         jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id)
     else:
         jax.distributed.initialize()  # SLURM cluster auto-detection
-    log.info("process %d/%d, %d local / %d global devices", jax.process_index(), jax.process_count(),
-             jax.local_device_count(), jax.device_count())
+    log.info(
+        "process %d/%d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
 
 
 def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:

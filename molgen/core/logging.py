@@ -75,8 +75,9 @@ class MetricWriter:
 def check_finite(step: int, metrics: dict, keys=("loss",)) -> None:
     for k in keys:
         if k in metrics and not math.isfinite(float(metrics[k])):
-            raise NonFiniteError(f"metric {k!r} is {float(metrics[k])} at step {step}; stopping "
-                                 f"(the last good checkpoint is kept)")
+            raise NonFiniteError(
+                f"metric {k!r} is {float(metrics[k])} at step {step}; stopping (the last good checkpoint is kept)"
+            )
 
 
 class Progress:
@@ -93,5 +94,7 @@ class Progress:
         eta = (self.total - step) / sps if sps > 0 else float("inf")
         eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
         loss = float(metrics.get("loss", float("nan")))
-        return (f"step {step}/{self.total} loss {loss:.4f} {sps:.2f} steps/s "
-                f"{sps * items_per_step:,.0f} {self.item}/s ETA {eta_s}")
+        return (
+            f"step {step}/{self.total} loss {loss:.4f} {sps:.2f} steps/s "
+            f"{sps * items_per_step:,.0f} {self.item}/s ETA {eta_s}"
+        )

@@ -37,9 +37,19 @@ def _fetch(metrics) -> dict:
     return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
 
 
-def fit(config, workdir: str, *, mesh, params, loss_fn: Callable, train_data, eval_fn: Callable | None = None,
-        items_per_step: Callable[[dict], float] | None = None, item_name: str = "tokens",
-        meta: dict | None = None) -> tuple[TrainState, dict]:
+def fit(
+    config,
+    workdir: str,
+    *,
+    mesh,
+    params,
+    loss_fn: Callable,
+    train_data,
+    eval_fn: Callable | None = None,
+    items_per_step: Callable[[dict], float] | None = None,
+    item_name: str = "tokens",
+    meta: dict | None = None,
+) -> tuple[TrainState, dict]:
     """Train `params` for `config.train.steps` steps; returns (final state, last eval metrics).
 
     `train_data`: a Grain IterDataset of this process's batch rows (checkpointed with the state).

@@ -38,10 +38,14 @@ def config_from_hf(hf: dict, **overrides) -> Qwen3Config:
     if not hf.get("tie_word_embeddings", True):
         raise ValueError("molgen's Qwen3 ties input and output embeddings; this checkpoint does not")
     kw = dict(
-        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-        n_heads=hf["num_attention_heads"], n_kv_heads=hf["num_key_value_heads"],
+        vocab_size=hf["vocab_size"],
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf["num_key_value_heads"],
         head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-        d_ff=hf["intermediate_size"], rope_theta=float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 1e6))),
+        d_ff=hf["intermediate_size"],
+        rope_theta=float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 1e6))),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
     )
     kw.update(overrides)
@@ -50,22 +54,37 @@ def config_from_hf(hf: dict, **overrides) -> Qwen3Config:
 
 def config_to_hf(cfg: Qwen3Config) -> dict:
     return {
-        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.d_ff,
-        "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": True,
-        "hidden_act": "silu", "attention_bias": False, "max_position_embeddings": 40960, "torch_dtype": "float32",
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.d_ff,
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": True,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "max_position_embeddings": 40960,
+        "torch_dtype": "float32",
     }
 
 
 def hf_to_params(tensors: dict[str, np.ndarray], cfg: Qwen3Config) -> dict:
     """A flat HF state dict (name -> array) to the molgen parameter tree (float32)."""
+
     def take(name):
         if name not in tensors:
             raise KeyError(f"tensor {name!r} missing from the Hugging Face checkpoint")
         return np.asarray(tensors[name], np.float32)
 
-    params = {"embed": {"embedding": take("model.embed_tokens.weight")}, "final_norm": {"scale": take("model.norm.weight")}}
+    params = {
+        "embed": {"embedding": take("model.embed_tokens.weight")},
+        "final_norm": {"scale": take("model.norm.weight")},
+    }
     for i in range(cfg.n_layers):
         layer: dict = {}
         for suffix, (path, transpose) in _LAYER.items():
@@ -79,8 +98,10 @@ def hf_to_params(tensors: dict[str, np.ndarray], cfg: Qwen3Config) -> dict:
 
 
 def params_to_hf(params, cfg: Qwen3Config) -> dict[str, np.ndarray]:
-    out = {"model.embed_tokens.weight": np.asarray(params["embed"]["embedding"]),
-           "model.norm.weight": np.asarray(params["final_norm"]["scale"])}
+    out = {
+        "model.embed_tokens.weight": np.asarray(params["embed"]["embedding"]),
+        "model.norm.weight": np.asarray(params["final_norm"]["scale"]),
+    }
     for i in range(cfg.n_layers):
         for suffix, (path, transpose) in _LAYER.items():
             w = params[f"layers_{i}"]
@@ -143,7 +164,9 @@ def main(argv=None):
         cfg = Qwen3Config(**json.loads((pathlib.Path(a.src) / "model_config.json").read_text()))
         model = Qwen3(cfg)
         tok = jax.numpy.zeros((1, 1), jax.numpy.int32)
-        abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), tok, tok, jax.numpy.ones((1, 1, 1), bool)))["params"]
+        abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), tok, tok, jax.numpy.ones((1, 1, 1), bool)))[
+            "params"
+        ]
         save_hf_dir(checkpoint.restore_params(a.src, abstract), cfg, str(dst))
     print(f"wrote {dst}")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import multiprocessing as mp
 import pathlib
 
@@ -28,6 +29,7 @@ from molgen.chem import enriched, moses
 from molgen.lm import tokenizer
 
 SPLITS = ("train", "validation", "test")
+log = logging.getLogger("molgen")
 
 
 @dataclasses.dataclass
@@ -47,8 +49,10 @@ class MosesConfig(tfds.core.BuilderConfig):
 def config_name(c) -> str:
     src = "".join(f"{p}" for p in (c.source_train, c.source_test) if p)
     tag = "_" + hashlib.sha1(src.encode()).hexdigest()[:8] if src else ""
-    return (f"n{c.n_train}-{c.n_val}-{c.n_test}_c{c.conformers}-{c.test_conformers}"
-            f"_s{c.seed}{'' if c.mmff else '_nommff'}{tag}")
+    return (
+        f"n{c.n_train}-{c.n_val}-{c.n_test}_c{c.conformers}-{c.test_conformers}"
+        f"_s{c.seed}{'' if c.mmff else '_nommff'}{tag}"
+    )
 
 
 class MosesConformers(tfds.core.GeneratorBasedBuilder):
@@ -64,10 +68,14 @@ class MosesConformers(tfds.core.GeneratorBasedBuilder):
 
     def _info(self):
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                "smiles": tfds.features.Text(), "enriched": tfds.features.Text(),
-                "mol_index": np.int64, "conf_index": np.int64,
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "smiles": tfds.features.Text(),
+                    "enriched": tfds.features.Text(),
+                    "mol_index": np.int64,
+                    "conf_index": np.int64,
+                }
+            ),
             supervised_keys=None,
         )
 
@@ -77,13 +85,15 @@ class MosesConformers(tfds.core.GeneratorBasedBuilder):
         train = moses.read_smiles("train", c.source_train or None)
         test = moses.read_smiles("test", c.source_test or None)
         if c.n_train + c.n_val > len(train) or c.n_test > len(test):
-            raise ValueError(f"asked for {c.n_train}+{c.n_val} train/validation and {c.n_test} test molecules; "
-                             f"the sources have {len(train)} and {len(test)}")
+            raise ValueError(
+                f"asked for {c.n_train}+{c.n_val} train/validation and {c.n_test} test molecules; "
+                f"the sources have {len(train)} and {len(test)}"
+            )
         pick = rng.permutation(len(train))[: c.n_train + c.n_val]
         test_pick = rng.permutation(len(test))[: c.n_test]
         jobs = {
             "validation": [(i, train[i]) for i in pick[: c.n_val]],
-            "train": [(i, train[i]) for i in pick[c.n_val:]],
+            "train": [(i, train[i]) for i in pick[c.n_val :]],
             "test": [(i, test[i]) for i in test_pick],
         }
         return {s: self._generate_examples(s, jobs[s]) for s in SPLITS}
@@ -97,7 +107,10 @@ class MosesConformers(tfds.core.GeneratorBasedBuilder):
         with mp.get_context("spawn").Pool(max(1, c.workers)) as pool:
             for job, res in pool.imap(enriched.embed_job, work, chunksize=8):
                 if isinstance(res, str):
-                    self.failures.append({"split": split, "mol_index": job[1], "smiles": job[2], "error": res})
+                    src = (c.source_test if split == "test" else c.source_train) or f"MOSES {split}"
+                    self.failures.append(
+                        {"split": split, "source": src, "record": job[1], "smiles": job[2], "error": res}
+                    )
                     continue
                 ok += 1
                 for ex in res:
@@ -108,17 +121,34 @@ class MosesConformers(tfds.core.GeneratorBasedBuilder):
 def build(cfg, data_dir: str) -> MosesConformers:
     """Build (once) and return the builder for a `data` config group; writes build_report.json."""
     bc = MosesConfig(
-        name="", n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test, conformers=cfg.conformers,
-        test_conformers=cfg.test_conformers, seed=cfg.seed, mmff=cfg.mmff, workers=cfg.workers,
-        source_train=cfg.source_train, source_test=cfg.source_test,
+        name="",
+        n_train=cfg.n_train,
+        n_val=cfg.n_val,
+        n_test=cfg.n_test,
+        conformers=cfg.conformers,
+        test_conformers=cfg.test_conformers,
+        seed=cfg.seed,
+        mmff=cfg.mmff,
+        workers=cfg.workers,
+        source_train=cfg.source_train,
+        source_test=cfg.source_test,
     )
     bc = dataclasses.replace(bc, name=config_name(bc))
     builder = MosesConformers(config=bc, data_dir=str(pathlib.Path(data_dir).expanduser()), file_format="array_record")
     report = pathlib.Path(builder.data_dir) / "build_report.json"
     if not report.exists():
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-        report.write_text(json.dumps({"config": dataclasses.asdict(bc), "counts": builder.counts,
-                                      "failures": builder.failures}, indent=1, default=str))
+        report.write_text(
+            json.dumps(
+                {"config": dataclasses.asdict(bc), "counts": builder.counts, "failures": builder.failures},
+                indent=1,
+                default=str,
+            )
+        )
+        for f in builder.failures[:20]:
+            log.warning("skipped %s record %d (%r): %s", f["source"], f["record"], f["smiles"], f["error"])
+        if builder.failures:
+            log.warning("%d molecules skipped in total; see %s", len(builder.failures), report)
     return builder
 
 
@@ -154,8 +184,17 @@ def _concat(rows):
     return {"tokens": out["tokens"], "segment_ids": out["tokens_segment_ids"], "positions": out["tokens_positions"]}
 
 
-def pipeline(source, *, global_batch: int, seq_len: int, seed: int, streams: list[int], n_streams: int,
-             train: bool = True, packing_bins: int = 16) -> grain.IterDataset:
+def pipeline(
+    source,
+    *,
+    global_batch: int,
+    seq_len: int,
+    seed: int,
+    streams: list[int],
+    n_streams: int,
+    train: bool = True,
+    packing_bins: int = 16,
+) -> grain.IterDataset:
     """Packed batches of this process's streams: {"tokens","segment_ids","positions"} [rows, seq_len]."""
     if global_batch % n_streams:
         raise ValueError(f"train.batch_size={global_batch} is not divisible by the {n_streams} data-parallel devices")

@@ -64,10 +64,19 @@ def evaluate(config, workdir: str, model_cfg, params, test_source) -> dict:
         n = ec.samples_per_ref * len(rec["refs"])
         prompts += [enriched.prompt_text(rec["smiles"])] * n
         owners += [k] * n
-    texts = sample.sample_texts(params, model_cfg, prompts, jax.random.key(ec.seed), max_new=ec.max_new_tokens,
-                                batch_size=ec.batch_size, temperature=ec.temperature, top_k=ec.top_k, top_p=ec.top_p)
+    texts = sample.sample_texts(
+        params,
+        model_cfg,
+        prompts,
+        jax.random.key(ec.seed),
+        max_new=ec.max_new_tokens,
+        batch_size=ec.batch_size,
+        temperature=ec.temperature,
+        top_k=ec.top_k,
+        top_p=ec.top_p,
+    )
     per_mol = defaultdict(list)
-    for k, t in zip(owners, texts):
+    for k, t in zip(owners, texts, strict=False):
         per_mol[k].append(t)
     jobs = [(rec["smiles"], rec["refs"], per_mol[k], ec.delta) for k, (_, rec) in enumerate(mols)]
     with mp.get_context("spawn").Pool(max(1, config.data.workers)) as pool:
@@ -80,7 +89,7 @@ def evaluate(config, workdir: str, model_cfg, params, test_source) -> dict:
             for block in r.pop("valid_sdf"):
                 f.write(block + "$$$$\n")
     (out / "conformers.json").write_text(json.dumps({"summary": summary, "molecules": records}, indent=1))
-    (out / "samples.txt").write_text("\n".join(texts[: 200]) + "\n")
+    (out / "samples.txt").write_text("\n".join(texts[:200]) + "\n")
     try:
         _plots(records, out, ec.delta)
     except Exception as e:  # plotting must never lose the results already written
@@ -94,9 +103,16 @@ def summarize(records, delta) -> dict:
     rmsd = np.concatenate([r["min_rmsd"] for r in records if r["min_rmsd"]] or [np.zeros(0)])
     agg = lambda k: float(np.nanmean([r[k] for r in records])) if records else float("nan")  # noqa: E731
     return {
-        "molecules": len(records), "generated": n_gen, "valid": n_valid, "validity": n_valid / max(n_gen, 1),
-        "cov_r": agg("cov_r"), "mat_r": agg("mat_r"), "cov_p": agg("cov_p"), "mat_p": agg("mat_p"),
-        "median_min_rmsd": float(np.median(rmsd)) if rmsd.size else float("nan"), "delta": delta,
+        "molecules": len(records),
+        "generated": n_gen,
+        "valid": n_valid,
+        "validity": n_valid / max(n_gen, 1),
+        "cov_r": agg("cov_r"),
+        "mat_r": agg("mat_r"),
+        "cov_p": agg("cov_p"),
+        "mat_p": agg("mat_p"),
+        "median_min_rmsd": float(np.median(rmsd)) if rmsd.size else float("nan"),
+        "delta": delta,
     }
 
 

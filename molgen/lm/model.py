@@ -125,7 +125,9 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, mask, cache=None):
-        h, cache = Attention(self.cfg, name="attn")(RMSNorm(self.cfg.norm_eps, name="input_norm")(x), positions, mask, cache)
+        h, cache = Attention(self.cfg, name="attn")(
+            RMSNorm(self.cfg.norm_eps, name="input_norm")(x), positions, mask, cache
+        )
         x = x + h
         x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg.norm_eps, name="post_attn_norm")(x))
         return x, cache
@@ -143,7 +145,9 @@ class Qwen3(nn.Module):
         block = nn.remat(Block, static_argnums=()) if c.remat else Block
         new_cache = []
         for i in range(c.n_layers):
-            x, layer_cache = block(c, name=f"layers_{i}")(x, positions_BxT, mask_BxTxS, None if cache is None else cache[i])
+            x, layer_cache = block(c, name=f"layers_{i}")(
+                x, positions_BxT, mask_BxTxS, None if cache is None else cache[i]
+            )
             new_cache.append(layer_cache)
         x = RMSNorm(c.norm_eps, name="final_norm")(x)
         logits = embed.attend(x.astype(dtype)).astype(jnp.float32)

@@ -64,18 +64,33 @@ def train_and_evaluate(config, workdir: str):
     source = builder.as_data_source()
     n_streams, streams = mesh.shape["data"], loop.local_streams(mesh)
     dc, tc = config.data, config.train
-    train = lm_data.pipeline(source["train"], global_batch=tc.batch_size, seq_len=dc.seq_len, seed=tc.seed,
-                             streams=streams, n_streams=n_streams, packing_bins=dc.packing_bins)
+    train = lm_data.pipeline(
+        source["train"],
+        global_batch=tc.batch_size,
+        seq_len=dc.seq_len,
+        seed=tc.seed,
+        streams=streams,
+        n_streams=n_streams,
+        packing_bins=dc.packing_bins,
+    )
     params = init_params(model_cfg, tc.seed)
     log.info("model %s: %.2fM parameters", config.model.preset, count_params(params) / 1e6)
     loss_fn = lm_loss(model)
     eval_step = make_eval_step(loss_fn, mesh)
 
     def eval_fn(params, step):
-        val = lm_data.pipeline(source["validation"], global_batch=tc.batch_size, seq_len=dc.seq_len, seed=0,
-                               streams=streams, n_streams=n_streams, train=False, packing_bins=dc.packing_bins)
+        val = lm_data.pipeline(
+            source["validation"],
+            global_batch=tc.batch_size,
+            seq_len=dc.seq_len,
+            seed=0,
+            streams=streams,
+            n_streams=n_streams,
+            train=False,
+            packing_bins=dc.packing_bins,
+        )
         sums, weight = {}, 0.0
-        for _, batch in zip(range(tc.eval_batches), val):
+        for _, batch in zip(range(tc.eval_batches), val, strict=False):
             m = jax.device_get(eval_step(params, global_batch(batch, mesh), jax.random.key(0)))
             for k, v in m.items():
                 if k != "weight":
@@ -86,8 +101,17 @@ def train_and_evaluate(config, workdir: str):
     def tokens_per_step(m):
         return tc.batch_size * dc.seq_len
 
-    state, _ = loop.fit(config, workdir, mesh=mesh, params=params, loss_fn=loss_fn, train_data=train,
-                        eval_fn=eval_fn, items_per_step=tokens_per_step, meta={"family": "lm", "stage": "pretrain"})
+    state, _ = loop.fit(
+        config,
+        workdir,
+        mesh=mesh,
+        params=params,
+        loss_fn=loss_fn,
+        train_data=train,
+        eval_fn=eval_fn,
+        items_per_step=tokens_per_step,
+        meta={"family": "lm", "stage": "pretrain"},
+    )
     if config.eval.num_molecules > 0:
         params = jax.device_get(state.params)
         results = evaluate.evaluate(config, workdir, model_cfg, params, source["test"])

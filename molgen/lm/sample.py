@@ -34,8 +34,20 @@ def filter_logits(logits_BxV, temperature: float, top_k: int, top_p: float):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new", "temperature", "top_k", "top_p", "greedy", "stop_id"))
-def generate(params, prompt_BxP, prompt_len_B, rng, *, cfg: Qwen3Config, max_new: int, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, greedy: bool = False, stop_id: int = tokenizer.CONF_END_ID):
+def generate(
+    params,
+    prompt_BxP,
+    prompt_len_B,
+    rng,
+    *,
+    cfg: Qwen3Config,
+    max_new: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    stop_id: int = tokenizer.CONF_END_ID,
+):
     """New tokens [B, max_new] (PAD after a row stops) and the number generated per row."""
     model = Qwen3(cfg)
     b, p = prompt_BxP.shape
@@ -84,8 +96,19 @@ def pad_prompts(prompts: list[np.ndarray], multiple: int = 16) -> tuple[np.ndarr
     return arr, lens
 
 
-def sample_texts(params, cfg: Qwen3Config, prompts: list[str], rng, *, max_new: int, batch_size: int = 64,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False) -> list[str]:
+def sample_texts(
+    params,
+    cfg: Qwen3Config,
+    prompts: list[str],
+    rng,
+    *,
+    max_new: int,
+    batch_size: int = 64,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+) -> list[str]:
     """Prompt + completion text for every prompt, generated in batches of `batch_size`."""
     ids = [tokenizer.encode(p) for p in prompts]
     texts = []
@@ -95,8 +118,18 @@ def sample_texts(params, cfg: Qwen3Config, prompts: list[str], rng, *, max_new: 
         chunk = chunk + [chunk[-1]] * (batch_size - n)  # fixed batch shape: one compilation
         arr, lens = pad_prompts(chunk)
         rng, key = jax.random.split(rng)
-        out, _ = generate(params, jnp.asarray(arr), jnp.asarray(lens), key, cfg=cfg, max_new=max_new,
-                          temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
+        out, _ = generate(
+            params,
+            jnp.asarray(arr),
+            jnp.asarray(lens),
+            key,
+            cfg=cfg,
+            max_new=max_new,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            greedy=greedy,
+        )
         out = np.asarray(out)
         for i in range(n):
             texts.append(prompts[start + i] + tokenizer.decode(out[i]))

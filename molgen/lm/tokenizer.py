@@ -68,7 +68,7 @@ def _coord_pieces(block: str) -> list[str] | None:
     if m is None:
         return None
     out, idx = [], _index()
-    for delim, (ipart, frac) in zip("<,,", zip(m.groups()[::2], m.groups()[1::2])):
+    for delim, (ipart, frac) in zip("<,,", zip(m.groups()[::2], m.groups()[1::2], strict=False), strict=False):
         if delim + ipart not in idx:
             return None
         out.append(delim + ipart)

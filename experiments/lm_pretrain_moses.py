@@ -1,0 +1,48 @@
+"""Pretraining on MOSES 3D units with the reference recipe (WSD, AdamW 8e-4, betas 0.9/0.95, wd 0.1).
+
+CPU (hours; the longer config behind the README results):
+    python -m molgen.main --config=experiments/lm_pretrain_moses.py --workdir=runs/lm_pretrain
+GPU cluster, the reference shape (0.6B, seq 4096, global batch 48, bf16):
+    sbatch --nodes=1 --gpus-per-node=8 launch/slurm.sbatch experiments/lm_pretrain_moses.py runs/pretrain_06b \
+        --config.model=qwen3_0.6b ... (see get_config(arg): `--config=experiments/lm_pretrain_moses.py:gpu_06b`)
+"""
+
+import ml_collections
+
+import experiments.lm_quickstart as base
+from configs import common, lm_models
+
+
+def get_config(arg: str = "cpu"):
+    cfg = base.get_config()
+    if arg == "cpu":
+        cfg.model = lm_models.get("cpu_base")
+        cfg.data.update(dict(n_train=40000, n_val=500, n_test=200, conformers=2, test_conformers=10, seq_len=1024))
+        cfg.optim = common.optim(lr=1.5e-3, warmup_steps=200, wsd_period=2000, wsd_decay_frac=0.1)
+        cfg.train = common.train(steps=6000, batch_size=8, log_every=50, eval_every=1000, eval_batches=8)
+        cfg.ckpt = common.ckpt(every_steps=1000)
+    elif arg == "gpu_06b":
+        cfg.model = lm_models.get("qwen3_0.6b")
+        cfg.model.vocab_size = lm_models.get("cpu_small").vocab_size  # molgen's tokenizer, not Qwen3's BPE
+        cfg.model.dtype = "bfloat16"
+        cfg.model.remat = True
+        cfg.data.update(
+            dict(
+                n_train=1_500_000,
+                n_val=5000,
+                n_test=1000,
+                conformers=4,
+                test_conformers=20,
+                seq_len=4096,
+                workers=32,
+                packing_bins=64,
+            )
+        )
+        cfg.optim = common.optim(lr=8e-4, warmup_steps=500, wsd_period=30000, wsd_decay_frac=0.1)
+        cfg.train = common.train(steps=120000, batch_size=48, log_every=100, eval_every=5000, eval_batches=32)
+        cfg.ckpt = common.ckpt(every_steps=30000 // 6)
+        cfg.eval.update(dict(num_molecules=1000, batch_size=256))
+    else:
+        raise ValueError(f"unknown variant {arg!r}: expected 'cpu' or 'gpu_06b'")
+    assert isinstance(cfg, ml_collections.ConfigDict)
+    return cfg

@@ -1,0 +1,24 @@
+"""Test setup: four fake CPU devices (set before jax is first imported), NaN checks on."""
+
+import os
+import pathlib
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+os.environ.setdefault("MOLGEN_CACHE", str(pathlib.Path.home() / ".cache" / "molgen"))
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_debug_nans", False)  # enabled per test where NaN-safety is the point
+
+
+@pytest.fixture(scope="session")
+def root():
+    return ROOT
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running (minutes); deselect with -m 'not slow'")

@@ -1,0 +1,128 @@
+"""Core runtime: schedules, optimiser factory, the shard_map step, checkpoints, NaN guard."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import common
+from molgen.core import checkpoint, distributed, optim
+from molgen.core import logging as mlog
+from molgen.core.step import TrainState, global_batch, make_eval_step, make_train_step, replicate
+
+
+def test_wsd_decays_to_zero_before_each_boundary_and_recovers():
+    f = optim.wsd_schedule(1.0, warmup=10, period=100, decay_frac=0.1, total=250)
+    lr = np.array([float(f(s)) for s in range(251)])
+    assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)
+    assert np.allclose(lr[10:90], 1.0)
+    assert lr[95] == pytest.approx(0.5) and lr[99] == pytest.approx(0.1)
+    assert lr[100] == pytest.approx(1.0)  # back to the peak after the boundary
+    assert lr[245] == pytest.approx(0.5) and lr[250] == pytest.approx(0.0)  # last, shorter period ends at 0
+
+
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+def test_every_optimizer_reduces_a_quadratic(name):
+    cfg = common.optim(name=name, lr=0.05, schedule="warmup_cosine", warmup_steps=2, weight_decay=0.01)
+    tx, _ = optim.make_optimizer(cfg, 100)
+    params = {"w": jnp.ones((3, 3))}
+    state = tx.init(params)
+    loss = lambda p: jnp.sum((p["w"] - 0.5) ** 2)  # noqa: E731
+    start = loss(params)
+    for _ in range(50):
+        g = jax.grad(loss)(params)
+        upd, state = tx.update(g, state, params)
+        params = jax.tree.map(lambda a, b: a + b, params, upd)
+    assert loss(params) < 0.5 * start
+
+
+def test_unknown_optimizer_is_named():
+    with pytest.raises(ValueError, match="nope"):
+        optim.make_optimizer(common.optim(name="nope"), 10)
+
+
+def _linear_loss(params, batch, rng):
+    err = (batch["x"] @ params["w"] - batch["y"]) ** 2  # [rows]
+    mask = batch["mask"]
+    return (err * mask).sum(), {"weight": mask.sum(), "loss": (err * mask).sum()}
+
+
+def test_step_equals_hand_computed_global_mean_gradient():
+    mesh = distributed.make_mesh(4)
+    rng = np.random.default_rng(0)
+    batch = {
+        "x": rng.normal(size=(8, 3)).astype(np.float32),
+        "y": rng.normal(size=8).astype(np.float32),
+        "mask": np.array([1, 1, 0, 1, 1, 1, 1, 0], np.float32),
+    }  # uneven weight per device
+    w0 = rng.normal(size=3).astype(np.float32)
+    tx, _ = optim.make_optimizer(
+        common.optim(name="sgd", lr=0.1, b1=0.0, schedule="constant", clip_norm=0.0, weight_decay=0.0), 10
+    )
+    state = replicate(TrainState.create({"w": jnp.asarray(w0)}, tx), mesh)
+    step = make_train_step(_linear_loss, mesh)
+    new, metrics = step(state, global_batch(batch, mesh), jax.random.key(0))
+    # hand computation: mean over unmasked rows of (x.w - y)^2 and its gradient
+    m = batch["mask"].astype(bool)
+    x, y = batch["x"][m], batch["y"][m]
+    r = x @ w0 - y
+    assert float(metrics["loss"]) == pytest.approx(np.mean(r**2), rel=1e-5)
+    grad = 2 * x.T @ r / m.sum()
+    np.testing.assert_allclose(np.asarray(new.params["w"]), w0 - 0.1 * grad, rtol=1e-5)
+    assert int(new.step) == 1
+    ev = make_eval_step(_linear_loss, mesh)(new.params, global_batch(batch, mesh), jax.random.key(0))
+    assert float(ev["weight"]) == 6.0
+
+
+def _ckpt_cfg(**kw):
+    return common.ckpt(async_save=False, best_metric="", **kw)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
+    state = {"step": jnp.int32(0), "params": {"w": jnp.ones(3)}, "opt_state": {}}
+    mgr = checkpoint.manager(str(tmp_path), _ckpt_cfg())
+    for s in (1, 2):
+        checkpoint.save(mgr, s, {**state, "params": {"w": jnp.full(3, float(s))}}, None, {"step": s})
+    mgr.wait_until_finished()
+    for f in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    mgr = checkpoint.manager(str(tmp_path), _ckpt_cfg())
+    with caplog.at_level("WARNING", logger="molgen"):
+        restored = checkpoint.restore_latest(mgr, jax.eval_shape(lambda: state), None)
+    assert restored is not None and restored[2] == 1
+    np.testing.assert_array_equal(restored[0]["params"]["w"], np.ones(3))
+    assert "does not restore" in caplog.text
+    assert (tmp_path / "checkpoints" / "2").exists()  # left on disk for inspection
+
+
+def test_keep_last_n_and_best(tmp_path):
+    cfg = common.ckpt(async_save=False, keep=2, keep_best=1, best_metric="eval/loss", best_mode="min")
+    mgr = checkpoint.manager(str(tmp_path), cfg)
+    state = {"step": jnp.int32(0), "params": {"w": jnp.ones(3)}, "opt_state": {}}
+    for s, loss in [(1, 5.0), (2, 1.0), (3, 4.0), (4, 3.0), (5, 6.0)]:
+        checkpoint.save(mgr, s, state, None, {"step": s}, {"eval/loss": loss})
+    mgr.wait_until_finished()
+    assert sorted(mgr.all_steps()) == [2, 4, 5]
+
+
+def test_init_from_restores_params_only(tmp_path):
+    mgr = checkpoint.manager(str(tmp_path / "a"), _ckpt_cfg())
+    state = {"step": jnp.int32(7), "params": {"w": jnp.arange(3.0)}, "opt_state": {"mu": jnp.zeros(3)}}
+    checkpoint.save(mgr, 7, state, None, {"step": 7})
+    mgr.wait_until_finished()
+    p = checkpoint.restore_params(str(tmp_path / "a"), {"w": jnp.zeros(3)})
+    np.testing.assert_array_equal(p["w"], np.arange(3.0))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        checkpoint.restore_params(str(tmp_path / "missing"), {"w": jnp.zeros(3)})
+
+
+def test_nan_guard_names_metric_and_step():
+    with pytest.raises(mlog.NonFiniteError, match="'loss' is nan at step 7"):
+        mlog.check_finite(7, {"loss": float("nan")})
+    mlog.check_finite(8, {"loss": 1.0})
+
+
+def test_mesh_rejects_bad_device_count():
+    with pytest.raises(ValueError, match="num_devices=3"):
+        distributed.make_mesh(3)
