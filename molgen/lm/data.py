@@ -156,32 +156,36 @@ def report(builder) -> dict:
     return json.loads((pathlib.Path(builder.data_dir) / "build_report.json").read_text())
 
 
-def _tokenize(ex, seq_len: int):
+def _tokenize(ex, seq_len: int, pos_mode: str):
     text = enriched.unit_text(_str(ex["smiles"]), _str(ex["enriched"]))
-    ids = np.concatenate([tokenizer.encode(text), [tokenizer.EOT_ID]]).astype(np.int32)
-    return {"tokens": ids[:seq_len]}
+    ids = np.concatenate([tokenizer.encode(text), [tokenizer.EOT_ID]]).astype(np.int32)[:seq_len]
+    return {"tokens": ids, "positions": tokenizer.positions(ids, pos_mode)}
 
 
 def _str(x) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
 
 
-def _stream(source, stream: int, n_streams: int, rows: int, seq_len: int, seed: int, train: bool, bins: int):
+def _stream(source, stream, n_streams, rows, seq_len, seed, train, bins, pos_mode):
     ds = grain.MapDataset.source(source)[stream::n_streams]
     if train:
         ds = ds.shuffle(seed=seed + 1009 * stream)
     ds = ds.repeat(None)  # validation repeats too, so every process runs the same number of eval steps
-    ds = ds.map(lambda ex: _tokenize(ex, seq_len))
+    ds = ds.map(lambda ex: _tokenize(ex, seq_len, pos_mode))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=64))
     it = grain.experimental.FirstFitPackIterDataset(
-        it, length_struct={"tokens": seq_len}, num_packing_bins=max(rows, bins), seed=seed + stream, shuffle_bins=train
+        it,
+        length_struct={"tokens": seq_len, "positions": seq_len},
+        num_packing_bins=max(rows, bins),
+        seed=seed + stream,
+        shuffle_bins=train,
     )
     return it.batch(rows, drop_remainder=True)
 
 
 def _concat(rows):
     out = {k: np.concatenate([r[k] for r in rows], axis=0) for k in rows[0]}
-    return {"tokens": out["tokens"], "segment_ids": out["tokens_segment_ids"], "positions": out["tokens_positions"]}
+    return {"tokens": out["tokens"], "segment_ids": out["tokens_segment_ids"], "positions": out["positions"]}
 
 
 def pipeline(
@@ -194,10 +198,11 @@ def pipeline(
     n_streams: int,
     train: bool = True,
     packing_bins: int = 16,
+    pos_mode: str = "sequential",
 ) -> grain.IterDataset:
     """Packed batches of this process's streams: {"tokens","segment_ids","positions"} [rows, seq_len]."""
     if global_batch % n_streams:
         raise ValueError(f"train.batch_size={global_batch} is not divisible by the {n_streams} data-parallel devices")
     rows = global_batch // n_streams
-    parts = [_stream(source, s, n_streams, rows, seq_len, seed, train, packing_bins) for s in streams]
+    parts = [_stream(source, s, n_streams, rows, seq_len, seed, train, packing_bins, pos_mode) for s in streams]
     return grain.experimental.ZipIterDataset(parents=parts).map(_concat)

@@ -70,9 +70,9 @@ def packed_mask(segment_ids_BxT):
     return causal[None] & same & (segment_ids_BxT[:, None, :] > 0)
 
 
-def cache_mask(positions_BxT, cache_len: int):
-    """A query at position p sees cache slots 0..p."""
-    return jnp.arange(cache_len)[None, None, :] <= positions_BxT[:, :, None]
+def cache_mask(slots_BxT, cache_len: int):
+    """A query written at cache slot s sees slots 0..s."""
+    return jnp.arange(cache_len)[None, None, :] <= slots_BxT[:, :, None]
 
 
 def init_cache(cfg: Qwen3Config, batch: int, length: int, dtype=None):
@@ -85,7 +85,7 @@ class Attention(nn.Module):
     cfg: Qwen3Config
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache=None):
+    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache=None, slots_BxT=None):
         c, dtype = self.cfg, DTYPES[self.cfg.dtype]
         b, t, _ = x_BxTxD.shape
         dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=dtype, kernel_init=_init, name=name)  # noqa: E731
@@ -94,10 +94,11 @@ class Attention(nn.Module):
         v = dense(c.n_kv_heads * c.head_dim, "v_proj")(x_BxTxD).reshape(b, t, c.n_kv_heads, c.head_dim)
         q = rope(RMSNorm(c.norm_eps, name="q_norm")(q), positions_BxT, c.rope_theta)
         k = rope(RMSNorm(c.norm_eps, name="k_norm")(k), positions_BxT, c.rope_theta)
-        if cache is not None:  # write at slot == position, then attend over the whole cache
+        if cache is not None:  # write at the given slots (default: slot == position), attend over the cache
             rows = jnp.arange(b)[:, None]
-            k = cache["k"].at[rows, positions_BxT].set(k.astype(cache["k"].dtype))
-            v = cache["v"].at[rows, positions_BxT].set(v.astype(cache["v"].dtype))
+            slots = positions_BxT.astype(jnp.int32) if slots_BxT is None else slots_BxT
+            k = cache["k"].at[rows, slots].set(k.astype(cache["k"].dtype))
+            v = cache["v"].at[rows, slots].set(v.astype(cache["v"].dtype))
             cache = {"k": k, "v": v}
         g = c.n_heads // c.n_kv_heads
         q_BxTxKxGxD = q.reshape(b, t, c.n_kv_heads, g, c.head_dim)
@@ -124,10 +125,9 @@ class Block(nn.Module):
     cfg: Qwen3Config
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache=None):
-        h, cache = Attention(self.cfg, name="attn")(
-            RMSNorm(self.cfg.norm_eps, name="input_norm")(x), positions, mask, cache
-        )
+    def __call__(self, x, positions, mask, cache=None, slots=None):
+        x_norm = RMSNorm(self.cfg.norm_eps, name="input_norm")(x)
+        h, cache = Attention(self.cfg, name="attn")(x_norm, positions, mask, cache, slots)
         x = x + h
         x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg.norm_eps, name="post_attn_norm")(x))
         return x, cache
@@ -137,17 +137,19 @@ class Qwen3(nn.Module):
     cfg: Qwen3Config
 
     @nn.compact
-    def __call__(self, tokens_BxT, positions_BxT, mask_BxTxS, cache=None):
-        """Logits [B, T, V] (float32) and the updated cache (None without one)."""
+    def __call__(self, tokens_BxT, positions_BxT, mask_BxTxS, cache=None, slots_BxT=None):
+        """Logits [B, T, V] (float32) and the updated cache (None without one).
+
+        positions: RoPE positions (int or float); slots: cache slots to write (int; default
+        the positions), and `cache_mask` must then be built from the slots."""
         c, dtype = self.cfg, DTYPES[self.cfg.dtype]
         embed = nn.Embed(c.vocab_size, c.d_model, embedding_init=_init, name="embed")
         x = embed(tokens_BxT).astype(dtype)
         block = nn.remat(Block, static_argnums=()) if c.remat else Block
         new_cache = []
         for i in range(c.n_layers):
-            x, layer_cache = block(c, name=f"layers_{i}")(
-                x, positions_BxT, mask_BxTxS, None if cache is None else cache[i]
-            )
+            layer_cache = None if cache is None else cache[i]
+            x, layer_cache = block(c, name=f"layers_{i}")(x, positions_BxT, mask_BxTxS, layer_cache, slots_BxT)
             new_cache.append(layer_cache)
         x = RMSNorm(c.norm_eps, name="final_norm")(x)
         logits = embed.attend(x.astype(dtype)).astype(jnp.float32)

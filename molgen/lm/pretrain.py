@@ -64,31 +64,22 @@ def train_and_evaluate(config, workdir: str):
     source = builder.as_data_source()
     n_streams, streams = mesh.shape["data"], loop.local_streams(mesh)
     dc, tc = config.data, config.train
-    train = lm_data.pipeline(
-        source["train"],
+    common = dict(
         global_batch=tc.batch_size,
         seq_len=dc.seq_len,
-        seed=tc.seed,
         streams=streams,
         n_streams=n_streams,
         packing_bins=dc.packing_bins,
+        pos_mode=dc.positions,
     )
+    train = lm_data.pipeline(source["train"], seed=tc.seed, **common)
     params = init_params(model_cfg, tc.seed)
     log.info("model %s: %.2fM parameters", config.model.preset, count_params(params) / 1e6)
     loss_fn = lm_loss(model)
     eval_step = make_eval_step(loss_fn, mesh)
 
     def eval_fn(params, step):
-        val = lm_data.pipeline(
-            source["validation"],
-            global_batch=tc.batch_size,
-            seq_len=dc.seq_len,
-            seed=0,
-            streams=streams,
-            n_streams=n_streams,
-            train=False,
-            packing_bins=dc.packing_bins,
-        )
+        val = lm_data.pipeline(source["validation"], seed=0, train=False, **common)
         sums, weight = {}, 0.0
         for _, batch in zip(range(tc.eval_batches), val, strict=False):
             m = jax.device_get(eval_step(params, global_batch(batch, mesh), jax.random.key(0)))

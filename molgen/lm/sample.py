@@ -33,7 +33,9 @@ def filter_logits(logits_BxV, temperature: float, top_k: int, top_p: float):
     return logits
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new", "temperature", "top_k", "top_p", "greedy", "stop_id"))
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "max_new", "temperature", "top_k", "top_p", "greedy", "stop_id", "pos_mode")
+)
 def generate(
     params,
     prompt_BxP,
@@ -47,15 +49,26 @@ def generate(
     top_p: float = 1.0,
     greedy: bool = False,
     stop_id: int = tokenizer.CONF_END_ID,
+    prompt_pos_BxP=None,
+    pos_state=None,
+    pos_mode: str = "sequential",
 ):
-    """New tokens [B, max_new] (PAD after a row stops) and the number generated per row."""
+    """New tokens [B, max_new] (PAD after a row stops) and the number generated per row.
+
+    prompt_pos_BxP / pos_state: RoPE positions of the prompts and the position state after
+    them (`prepare_prompts`); by default sequential positions.
+    """
     model = Qwen3(cfg)
     b, p = prompt_BxP.shape
     length = p + max_new
     cache = init_cache(cfg, b, length)
-    pos = jnp.broadcast_to(jnp.arange(p), (b, p))
-    logits, cache = model.apply({"params": params}, prompt_BxP, pos, cache_mask(pos, length), cache)
+    slots = jnp.broadcast_to(jnp.arange(p), (b, p))
+    pos = slots.astype(jnp.float32) if prompt_pos_BxP is None else prompt_pos_BxP
+    if pos_state is None:
+        pos_state = (jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32))
+    logits, cache = model.apply({"params": params}, prompt_BxP, pos, cache_mask(slots, length), cache, slots)
     last = jnp.take_along_axis(logits, (prompt_len_B - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
+    last_pos = jnp.take_along_axis(pos, (prompt_len_B - 1)[:, None], axis=1)[:, 0]  # [B]
 
     def pick(logits_BxV, key):
         if greedy:
@@ -67,33 +80,40 @@ def generate(
     n_gen = jnp.zeros((b,), jnp.int32)
 
     def cond(carry):
-        i, _, _, _, done, _, _ = carry
-        return (i < max_new) & ~jnp.all(done)
+        return (carry[0] < max_new) & ~jnp.all(carry[4])
 
     def body(carry):
-        i, cache, last, out, done, n_gen, rng = carry
+        i, cache, last, out, done, n_gen, rng, last_pos, state = carry
         rng, key = jax.random.split(rng)
         tok = jnp.where(done, tokenizer.PAD_ID, pick(last, key))
         out = out.at[:, i].set(tok)
         n_gen = n_gen + (~done).astype(jnp.int32)
         done = done | (tok == stop_id)
-        pos = (prompt_len_B + i)[:, None]
-        logits, cache = model.apply({"params": params}, tok[:, None], pos, cache_mask(pos, length), cache)
-        return i + 1, cache, logits[:, 0], out, done, n_gen, rng
+        new_pos, *state = tokenizer.next_position(last_pos, *state, tok, pos_mode)
+        slot = (prompt_len_B + i)[:, None]
+        logits, cache = model.apply(
+            {"params": params}, tok[:, None], new_pos[:, None], cache_mask(slot, length), cache, slot
+        )
+        return i + 1, cache, logits[:, 0], out, done, n_gen, rng, new_pos, tuple(state)
 
-    carry = (jnp.int32(0), cache, last, out, done, n_gen, rng)
-    _, _, _, out, _, n_gen, _ = jax.lax.while_loop(cond, body, carry)
-    return out, n_gen
+    carry = (jnp.int32(0), cache, last, out, done, n_gen, rng, last_pos, tuple(pos_state))
+    carry = jax.lax.while_loop(cond, body, carry)
+    return carry[3], carry[5]
 
 
-def pad_prompts(prompts: list[np.ndarray], multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad token-id prompts to a common length (rounded up, to limit recompilation)."""
+def prepare_prompts(prompts: list[np.ndarray], pos_mode: str = "sequential", multiple: int = 16):
+    """Right-padded token ids [B, P] (P rounded up to limit recompilation), lengths, positions
+    and the position state after each prompt, as `generate` takes them."""
     lens = np.asarray([len(x) for x in prompts], np.int32)
     p = int(-(-lens.max() // multiple) * multiple)
     arr = np.full((len(prompts), p), tokenizer.PAD_ID, np.int32)
+    pos = np.zeros((len(prompts), p), np.float32)
+    state = np.zeros((3, len(prompts)), np.int32)
     for i, x in enumerate(prompts):
         arr[i, : len(x)] = x
-    return arr, lens
+        pos[i, : len(x)], st = tokenizer.positions_and_state(x, pos_mode)
+        state[:, i] = st
+    return arr, lens, pos, (state[0].astype(bool), state[1], state[2])
 
 
 def sample_texts(
@@ -108,6 +128,7 @@ def sample_texts(
     top_k: int = 0,
     top_p: float = 1.0,
     greedy: bool = False,
+    pos_mode: str = "sequential",
 ) -> list[str]:
     """Prompt + completion text for every prompt, generated in batches of `batch_size`."""
     ids = [tokenizer.encode(p) for p in prompts]
@@ -116,7 +137,7 @@ def sample_texts(
         chunk = ids[start : start + batch_size]
         n = len(chunk)
         chunk = chunk + [chunk[-1]] * (batch_size - n)  # fixed batch shape: one compilation
-        arr, lens = pad_prompts(chunk)
+        arr, lens, pos, state = prepare_prompts(chunk, pos_mode)
         rng, key = jax.random.split(rng)
         out, _ = generate(
             params,
@@ -129,6 +150,9 @@ def sample_texts(
             top_k=top_k,
             top_p=top_p,
             greedy=greedy,
+            prompt_pos_BxP=jnp.asarray(pos),
+            pos_state=tuple(jnp.asarray(x) for x in state),
+            pos_mode=pos_mode,
         )
         out = np.asarray(out)
         for i in range(n):

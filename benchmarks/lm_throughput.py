@@ -1,0 +1,152 @@
+"""LM throughput: molgen (JAX) against Hugging Face transformers (PyTorch), measured in one run.
+
+    python benchmarks/lm_throughput.py [--preset=cpu_small] [--batch=8] [--seq=512] [--gen_batch=32] [--new=256]
+
+Prints training tokens/s (same model config, batch and AdamW), sampling tokens/s (KV cache,
+same prompts, exactly `--new` tokens per row on both sides), the ratios, and the achieved
+training FLOP/s as a fraction of this machine's measured float32 matmul peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from configs import lm_models  # noqa: E402
+from molgen.lm import convert, sample  # noqa: E402
+from molgen.lm.model import Qwen3, Qwen3Config, flops_per_token, packed_mask  # noqa: E402
+
+
+def timed(fn, n):
+    fn()  # warm-up / compile
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t) / n
+
+
+def matmul_peak(n=2048, reps=10):
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    dt = timed(lambda: f(a).block_until_ready(), reps)
+    return 2 * n**3 / dt
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="cpu_small")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--gen_batch", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=48)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=5)
+    a = ap.parse_args()
+
+    import torch
+    import transformers
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = Qwen3Config.from_config(lm_models.get(a.preset))
+    hf = transformers.Qwen3ForCausalLM(
+        transformers.Qwen3Config(**convert.config_to_hf(cfg), attn_implementation="sdpa")
+    ).float()
+    params = jax.tree.map(jnp.asarray, convert.hf_to_params({k: v.numpy() for k, v in hf.state_dict().items()}, cfg))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(6, cfg.vocab_size, size=(a.batch, a.seq)).astype(np.int32)
+
+    # --- training step ---------------------------------------------------------------
+    model = Qwen3(cfg)
+    tx = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.1)
+    opt = tx.init(params)
+    pos = jnp.broadcast_to(jnp.arange(a.seq), (a.batch, a.seq))
+    mask = packed_mask(jnp.ones((a.batch, a.seq), jnp.int32))
+
+    @jax.jit
+    def step(p, o, tok):
+        def loss(p):
+            logits, _ = model.apply({"params": p}, tok, pos, mask)
+            return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tok[:, 1:]).mean()
+
+        val, g = jax.value_and_grad(loss)(p)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o, val
+
+    state = [params, opt]
+    tok_j = jnp.asarray(tokens)
+
+    def jax_train():
+        state[0], state[1], val = step(state[0], state[1], tok_j)
+        val.block_until_ready()
+
+    t_jax = timed(jax_train, a.reps)
+    hf.train()
+    topt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    tok_t = torch.tensor(tokens, dtype=torch.long)
+
+    def torch_train():
+        topt.zero_grad(set_to_none=True)
+        out = hf(tok_t, labels=tok_t)
+        out.loss.backward()
+        topt.step()
+
+    t_torch = timed(torch_train, a.reps)
+    n_tok = a.batch * a.seq
+    print(
+        f"train  tokens/s  molgen {n_tok / t_jax:10,.0f}   transformers {n_tok / t_torch:10,.0f}   "
+        f"ratio {t_torch / t_jax:5.2f}x   (batch {a.batch} x seq {a.seq}, {a.preset})"
+    )
+
+    # --- sampling with a KV cache -----------------------------------------------------------
+    prompts = rng.integers(6, cfg.vocab_size, size=(a.gen_batch, a.prompt)).astype(np.int32)
+    lens = jnp.full((a.gen_batch,), a.prompt, jnp.int32)
+
+    def jax_gen():
+        out, n = sample.generate(
+            params, jnp.asarray(prompts), lens, jax.random.key(0), cfg=cfg, max_new=a.new, greedy=True, stop_id=-1
+        )
+        out.block_until_ready()
+
+    g_jax = timed(jax_gen, max(1, a.reps // 2))
+    hf.eval()
+    tp = torch.tensor(prompts, dtype=torch.long)
+
+    def torch_gen():
+        with torch.no_grad():
+            hf.generate(
+                tp,
+                attention_mask=torch.ones_like(tp),
+                max_new_tokens=a.new,
+                min_new_tokens=a.new,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=0,
+            )
+
+    g_torch = timed(torch_gen, 1)
+    n_gen = a.gen_batch * a.new
+    print(
+        f"sample tokens/s  molgen {n_gen / g_jax:10,.0f}   transformers {n_gen / g_torch:10,.0f}   "
+        f"ratio {g_torch / g_jax:5.2f}x   (batch {a.gen_batch}, prompt {a.prompt}, {a.new} new tokens, KV cache)"
+    )
+
+    # --- model FLOP utilisation ---------------------------------------------------------------
+    peak = matmul_peak()
+    achieved = flops_per_token(cfg, a.seq) * n_tok / t_jax
+    print(
+        f"flops  training {achieved / 1e9:8.1f} GFLOP/s   matmul peak {peak / 1e9:8.1f} GFLOP/s   "
+        f"MFU {achieved / peak:5.1%}   ({jax.devices()[0].device_kind}, {jax.device_count()} device)"
+    )
+
+
+if __name__ == "__main__":
+    main()
