@@ -2,7 +2,7 @@
 
     python -m molgen.main --config=experiments/lm_quickstart.py --workdir=runs/lm_quickstart
 
-Builds the dataset (RDKit conformers for 6000 MOSES molecules, about 3 minutes), trains
+Builds the dataset (RDKit conformers for 4000 MOSES molecules, about 2 minutes), trains
 about 9 minutes, then samples conformers for 100 held-out MOSES test molecules and writes
 validity, RMSD and COV/MAT to runs/lm_quickstart/eval/.
 """
@@ -19,7 +19,7 @@ def get_config():
     cfg.data = ml_collections.ConfigDict(
         dict(
             data_dir="~/.cache/molgen/tfds",
-            n_train=6000,
+            n_train=4000,
             n_val=200,
             n_test=100,
             conformers=2,
@@ -43,7 +43,7 @@ def get_config():
             samples_per_ref=2,
             max_new_tokens=512,
             batch_size=100,
-            temperature=1.0,
+            temperature=0.5,  # T=1.0 gives ~54% validity after this short run, 0.7 ~85%, 0.5 ~93%
             top_k=0,
             top_p=1.0,
             delta=0.75,

@@ -151,7 +151,6 @@ def test_killed_run_resumes_with_same_losses(tmp_path, data_dir):
         assert b[s] == pytest.approx(a[s], rel=1e-5), s
 
 
-@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path, data_dir):
     args = [
         "--config.train.steps=20",

@@ -137,3 +137,23 @@ def test_sampling_with_aligned_positions_matches_full_forward_greedy():
         )
         greedy = np.argmax(np.asarray(logits[0]), -1)[len(prompts[r]) - 1 : -1]
         np.testing.assert_array_equal(greedy, np.asarray(out[r]))
+
+
+def test_hf_checkpoint_folder_roundtrip_loads_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    params = jax.device_get(_init(TINY))
+    convert.save_hf_dir(params, TINY, str(tmp_path / "hf"))
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    tokens = np.arange(10)[None] % TINY.vocab_size
+    with torch.no_grad():
+        ref = hf(torch.tensor(tokens)).logits.numpy()
+    ours, _ = Qwen3(TINY).apply(
+        {"params": params}, jnp.asarray(tokens), jnp.arange(10)[None], packed_mask(jnp.ones((1, 10), jnp.int32))
+    )
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=1e-4)
+    hf_cfg, tensors = convert.load_hf_dir(str(tmp_path / "hf"))
+    back = convert.hf_to_params(tensors, convert.config_from_hf(hf_cfg))
+    assert jax.tree.all(jax.tree.map(np.array_equal, back, params))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        convert.load_hf_dir(str(tmp_path))
