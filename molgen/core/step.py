@@ -60,7 +60,7 @@ def make_train_step(loss_fn: Callable, mesh, *, extra_metrics: Callable | None =
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = _global_mean(aux)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         if extra_metrics is not None:
             metrics.update(extra_metrics(state, grads))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -167,7 +167,12 @@ def _str(x) -> str:
 
 
 def _stream(source, stream, n_streams, rows, seq_len, seed, train, bins, pos_mode):
-    ds = grain.MapDataset.source(source)[stream::n_streams]
+    if len(source) == 0:
+        raise ValueError("the dataset split is empty: every molecule failed to build (see build_report.json)")
+    ds = grain.MapDataset.source(source)
+    if len(ds) < n_streams:  # tiny splits: repeat so that every device stream gets examples
+        ds = ds.repeat(-(-n_streams // len(ds)))
+    ds = ds[stream::n_streams]
     if train:
         ds = ds.shuffle(seed=seed + 1009 * stream)
     ds = ds.repeat(None)  # validation repeats too, so every process runs the same number of eval steps
