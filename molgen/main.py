@@ -10,6 +10,7 @@ import importlib
 import json
 import os
 import pathlib
+import re
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -47,5 +48,23 @@ def main(argv):
     importlib.import_module(FAMILIES[config.family]).train_and_evaluate(config, workdir)
 
 
-if __name__ == "__main__":
+def run():
+    """Parse flags first so that a bad override is one clear line, not a traceback."""
+    import sys
+
+    try:
+        FLAGS(sys.argv)
+    except (AttributeError, KeyError) as e:  # ml_collections: unknown key in a --config.a.b override
+        text = str(e.args[0]) if e.args else str(e)
+        m = re.search(r"'([^']+)'", text)
+        key = m.group(1) if m else text
+        bad = [a for a in sys.argv[1:] if a.startswith("--config.") and key in a.split("=")[0]]
+        hint = " ".join(line for line in text.splitlines()[1:] if line.strip())
+        sys.exit(f"molgen: unknown config key {key!r} in {' '.join(bad) or 'a --config override'}. {hint}".strip())
+    except flags.Error as e:
+        sys.exit(f"molgen: {e}")
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()
