@@ -56,10 +56,11 @@ def run():
         FLAGS(sys.argv)
     except (AttributeError, KeyError) as e:  # ml_collections: unknown key in a --config.a.b override
         text = str(e.args[0]) if e.args else str(e)
-        m = re.search(r"'([^']+)'", text)
+        m = re.search(r'instead of "([^"]+)"', text) or re.search(r"([A-Za-z_]\w*)", text)
         key = m.group(1) if m else text
         bad = [a for a in sys.argv[1:] if a.startswith("--config.") and key in a.split("=")[0]]
-        hint = " ".join(line for line in text.splitlines()[1:] if line.strip())
+        hint = re.search(r'Did you mean "[^"]+"', text)
+        hint = hint.group(0) + "?" if hint else ""
         sys.exit(f"molgen: unknown config key {key!r} in {' '.join(bad) or 'a --config override'}. {hint}".strip())
     except flags.Error as e:
         sys.exit(f"molgen: {e}")
