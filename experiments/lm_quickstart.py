@@ -35,13 +35,13 @@ def get_config():
         )
     )
     cfg.optim = common.optim(lr=3e-3, warmup_steps=30, weight_decay=0.05, wsd_decay_frac=0.2)
-    cfg.train = common.train(steps=550, batch_size=8, log_every=25, eval_every=275, eval_batches=4)
-    cfg.ckpt = common.ckpt(every_steps=275)
+    cfg.train = common.train(steps=500, batch_size=8, log_every=25, eval_every=250, eval_batches=4)
+    cfg.ckpt = common.ckpt(every_steps=250)
     cfg.eval = ml_collections.ConfigDict(
         dict(
             num_molecules=100,
             samples_per_ref=2,
-            max_new_tokens=512,
+            max_new_tokens=400,
             batch_size=100,
             temperature=0.5,  # T=1.0 gives ~54% validity after this short run, 0.7 ~85%, 0.5 ~93%
             top_k=0,
