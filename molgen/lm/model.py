@@ -97,8 +97,12 @@ class Attention(nn.Module):
         if cache is not None:  # write at the given slots (default: slot == position), attend over the cache
             rows = jnp.arange(b)[:, None]
             slots = positions_BxT.astype(jnp.int32) if slots_BxT is None else slots_BxT
-            k = cache["k"].at[rows, slots].set(k.astype(cache["k"].dtype))
-            v = cache["v"].at[rows, slots].set(v.astype(cache["v"].dtype))
+            if jnp.ndim(slots) == 0:  # every row writes at the same slot: an in-place dynamic_update_slice
+                k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), slots, axis=1)
+                v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), slots, axis=1)
+            else:
+                k = cache["k"].at[rows, slots].set(k.astype(cache["k"].dtype))
+                v = cache["v"].at[rows, slots].set(v.astype(cache["v"].dtype))
             cache = {"k": k, "v": v}
         g = c.n_heads // c.n_kv_heads
         q_BxTxKxGxD = q.reshape(b, t, c.n_kv_heads, g, c.head_dim)
@@ -140,8 +144,8 @@ class Qwen3(nn.Module):
     def __call__(self, tokens_BxT, positions_BxT, mask_BxTxS, cache=None, slots_BxT=None):
         """Logits [B, T, V] (float32) and the updated cache (None without one).
 
-        positions: RoPE positions (int or float); slots: cache slots to write (int; default
-        the positions), and `cache_mask` must then be built from the slots."""
+        positions: RoPE positions (int or float); slots: cache slots to write, [B, T] ints
+        (default: the positions) or one scalar start slot shared by all rows (fast path)."""
         c, dtype = self.cfg, DTYPES[self.cfg.dtype]
         embed = nn.Embed(c.vocab_size, c.d_model, embedding_init=_init, name="embed")
         x = embed(tokens_BxT).astype(dtype)

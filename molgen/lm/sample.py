@@ -1,8 +1,9 @@
 """Batched sampling with a KV cache, in one jitted loop (prefill + `lax.while_loop` decode).
 
-Prompts of different lengths are right-padded; row b's prompt fills cache slots
-0..len_b-1 and its generated tokens follow at len_b, len_b+1, ... (slot == position), so
-the padding slots are overwritten before any query can see them. A row stops at
+Prompts of different lengths are right-padded to P; row b's prompt fills cache slots
+0..len_b-1 and generated token i of every row goes to slot P+i, one in-place
+dynamic_update_slice per step. The padding slots len_b..P-1 stay masked; RoPE positions
+are tracked separately (len_b+i, or the aligned positions). A row stops at
 `stop_id` ([/CONFORMER]); the loop ends when every row has stopped or after `max_new`.
 """
 
@@ -66,7 +67,7 @@ def generate(
     pos = slots.astype(jnp.float32) if prompt_pos_BxP is None else prompt_pos_BxP
     if pos_state is None:
         pos_state = (jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32))
-    logits, cache = model.apply({"params": params}, prompt_BxP, pos, cache_mask(slots, length), cache, slots)
+    logits, cache = model.apply({"params": params}, prompt_BxP, pos, cache_mask(slots, length), cache, 0)
     last = jnp.take_along_axis(logits, (prompt_len_B - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
     last_pos = jnp.take_along_axis(pos, (prompt_len_B - 1)[:, None], axis=1)[:, 0]  # [B]
 
@@ -75,6 +76,7 @@ def generate(
             return jnp.argmax(logits_BxV, -1).astype(jnp.int32)
         return jax.random.categorical(key, filter_logits(logits_BxV, temperature, top_k, top_p)).astype(jnp.int32)
 
+    kv_slots = jnp.arange(length)[None, :]
     out = jnp.full((b, max_new), tokenizer.PAD_ID, jnp.int32)
     done = jnp.zeros((b,), bool)
     n_gen = jnp.zeros((b,), jnp.int32)
@@ -90,10 +92,9 @@ def generate(
         n_gen = n_gen + (~done).astype(jnp.int32)
         done = done | (tok == stop_id)
         new_pos, *state = tokenizer.next_position(last_pos, *state, tok, pos_mode)
-        slot = (prompt_len_B + i)[:, None]
-        logits, cache = model.apply(
-            {"params": params}, tok[:, None], new_pos[:, None], cache_mask(slot, length), cache, slot
-        )
+        slot = p + i  # generated tokens of every row go to slot p+i; prompt padding slots stay masked
+        mask = (kv_slots < prompt_len_B[:, None]) | ((kv_slots >= p) & (kv_slots <= slot))
+        logits, cache = model.apply({"params": params}, tok[:, None], new_pos[:, None], mask[:, None, :], cache, slot)
         return i + 1, cache, logits[:, 0], out, done, n_gen, rng, new_pos, tuple(state)
 
     carry = (jnp.int32(0), cache, last, out, done, n_gen, rng, last_pos, tuple(pos_state))
