@@ -48,24 +48,23 @@ def main(argv):
     importlib.import_module(FAMILIES[config.family]).train_and_evaluate(config, workdir)
 
 
-def run():
-    """Parse flags first so that a bad override is one clear line, not a traceback."""
+def parse_flags(argv):
+    """absl flag parsing, with a bad override reported as one clear line instead of a traceback."""
     import sys
 
     try:
-        FLAGS(sys.argv)
+        return FLAGS(argv)
     except (AttributeError, KeyError) as e:  # ml_collections: unknown key in a --config.a.b override
         text = str(e.args[0]) if e.args else str(e)
         m = re.search(r'instead of "([^"]+)"', text) or re.search(r"([A-Za-z_]\w*)", text)
         key = m.group(1) if m else text
-        bad = [a for a in sys.argv[1:] if a.startswith("--config.") and key in a.split("=")[0]]
+        bad = [a for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0]]
         hint = re.search(r'Did you mean "[^"]+"', text)
         hint = hint.group(0) + "?" if hint else ""
         sys.exit(f"molgen: unknown config key {key!r} in {' '.join(bad) or 'a --config override'}. {hint}".strip())
     except flags.Error as e:
         sys.exit(f"molgen: {e}")
-    app.run(main)
 
 
 if __name__ == "__main__":
-    run()
+    app.run(main, flags_parser=parse_flags)

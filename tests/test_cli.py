@@ -179,3 +179,14 @@ def test_two_processes_match_one_process(tmp_path, data_dir):
     assert sorted(b) == list(range(1, 21))
     for s in range(1, 21):
         assert b[s] == pytest.approx(a[s], rel=1e-5), s
+
+
+def test_resume_that_cannot_restore_stops_instead_of_starting_over(tmp_path, data_dir):
+    wd = tmp_path / "run"
+    args = ["--config.train.steps=6", "--config.eval.num_molecules=0"]
+    run_cli(wd, data_dir, *args, devices=4)
+    before = sorted(p.name for p in (wd / "checkpoints").iterdir())
+    res = run_cli(wd, data_dir, "--config.train.steps=12", "--config.eval.num_molecules=0", devices=2, check=False)
+    assert res.returncode != 0
+    assert "none restores" in res.stderr
+    assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == before

@@ -65,6 +65,11 @@ def fit(
         sd, saved_meta, start = restored
         state = state.replace(step=jnp.asarray(sd["step"]), params=sd["params"], opt_state=sd["opt_state"])
         log.info("resumed from %s at step %d (meta %s)", mgr.directory, start, saved_meta)
+    elif mgr.all_steps():  # never silently restart over a run whose checkpoints exist
+        raise RuntimeError(
+            f"checkpoints {sorted(mgr.all_steps())} in {mgr.directory} exist but none restores "
+            "(see the warnings above; a different device count changes the data streams)"
+        )
     else:
         start = 0
         if config.ckpt.init_from:

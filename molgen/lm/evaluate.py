@@ -36,7 +36,6 @@ def _plots(records, out: pathlib.Path, delta: float):
     ax[0].axvline(delta, color="k", ls="--")
     ax[0].set(xlabel="RMSD to nearest reference (Å)", ylabel="generated conformers", title="precision side")
     thr = np.linspace(0, 2.5, 51)
-    # COV-R as a function of the threshold needs per-reference minima; approximate from records' mat.
     covs = []
     for t in thr:
         covs.append(np.mean([np.mean(np.asarray(r["ref_min"]) <= t) if r["ref_min"] else 0.0 for r in records]))
