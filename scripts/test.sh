@@ -2,10 +2,7 @@
 # Install molgen with its test extras into .venv and run lint + tests (the README's test command).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e '.[lm,hf,test]'
+bash scripts/install.sh lm,hf,test
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/python -m pytest -q -m "not slow" "$@"

@@ -157,12 +157,13 @@ def report(builder) -> dict:
 
 
 def _tokenize(ex, seq_len: int, pos_mode: str):
-    text = enriched.unit_text(_str(ex["smiles"]), _str(ex["enriched"]))
+    text = enriched.unit_text(as_str(ex["smiles"]), as_str(ex["enriched"]))
     ids = np.concatenate([tokenizer.encode(text), [tokenizer.EOT_ID]]).astype(np.int32)[:seq_len]
     return {"tokens": ids, "positions": tokenizer.positions(ids, pos_mode)}
 
 
-def _str(x) -> str:
+def as_str(x) -> str:
+    """TFDS Text features come back as bytes from an ArrayRecord data source."""
     return x.decode() if isinstance(x, bytes) else str(x)
 
 

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from molgen.chem import conformers, enriched
+from molgen.lm import data as lm_data
 from molgen.lm import sample
 
 log = logging.getLogger("molgen")
@@ -53,8 +54,8 @@ def evaluate(config, workdir: str, model_cfg, params, test_source) -> dict:
     by_mol: dict[int, dict] = {}
     for i in range(len(test_source)):
         ex = test_source[i]
-        rec = by_mol.setdefault(int(ex["mol_index"]), {"smiles": _s(ex["smiles"]), "refs": []})
-        rec["refs"].append(_s(ex["enriched"]))
+        rec = by_mol.setdefault(int(ex["mol_index"]), {"smiles": lm_data.as_str(ex["smiles"]), "refs": []})
+        rec["refs"].append(lm_data.as_str(ex["enriched"]))
     mols = sorted(by_mol.items())[: ec.num_molecules]
     if jax.process_index() != 0:
         return {}
@@ -114,7 +115,3 @@ def summarize(records, delta) -> dict:
         "median_min_rmsd": float(np.median(rmsd)) if rmsd.size else float("nan"),
         "delta": delta,
     }
-
-
-def _s(x) -> str:
-    return x.decode() if isinstance(x, bytes) else str(x)
