@@ -35,7 +35,8 @@ def filter_logits(logits_BxV, temperature: float, top_k: int, top_p: float):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("cfg", "max_new", "temperature", "top_k", "top_p", "greedy", "stop_id", "pos_mode")
+    jax.jit,
+    static_argnames=("cfg", "max_new", "temperature", "top_k", "top_p", "greedy", "stop_id", "pos_mode", "window"),
 )
 def generate(
     params,
@@ -53,6 +54,7 @@ def generate(
     prompt_pos_BxP=None,
     pos_state=None,
     pos_mode: str = "sequential",
+    window: int = 64,
 ):
     """New tokens [B, max_new] (PAD after a row stops) and the number generated per row.
 
@@ -61,13 +63,12 @@ def generate(
     """
     model = Qwen3(cfg)
     b, p = prompt_BxP.shape
-    length = p + max_new
-    cache = init_cache(cfg, b, length)
+    cache = init_cache(cfg, b, p)
     slots = jnp.broadcast_to(jnp.arange(p), (b, p))
     pos = slots.astype(jnp.float32) if prompt_pos_BxP is None else prompt_pos_BxP
     if pos_state is None:
         pos_state = (jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32))
-    logits, cache = model.apply({"params": params}, prompt_BxP, pos, cache_mask(slots, length), cache, 0)
+    logits, cache = model.apply({"params": params}, prompt_BxP, pos, cache_mask(slots, p), cache, 0)
     last = jnp.take_along_axis(logits, (prompt_len_B - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
     last_pos = jnp.take_along_axis(pos, (prompt_len_B - 1)[:, None], axis=1)[:, 0]  # [B]
 
@@ -76,15 +77,11 @@ def generate(
             return jnp.argmax(logits_BxV, -1).astype(jnp.int32)
         return jax.random.categorical(key, filter_logits(logits_BxV, temperature, top_k, top_p)).astype(jnp.int32)
 
-    kv_slots = jnp.arange(length)[None, :]
     out = jnp.full((b, max_new), tokenizer.PAD_ID, jnp.int32)
     done = jnp.zeros((b,), bool)
     n_gen = jnp.zeros((b,), jnp.int32)
 
-    def cond(carry):
-        return (carry[0] < max_new) & ~jnp.all(carry[4])
-
-    def body(carry):
+    def body(carry, attend_len):
         i, cache, last, out, done, n_gen, rng, last_pos, state = carry
         rng, key = jax.random.split(rng)
         tok = jnp.where(done, tokenizer.PAD_ID, pick(last, key))
@@ -93,12 +90,24 @@ def generate(
         done = done | (tok == stop_id)
         new_pos, *state = tokenizer.next_position(last_pos, *state, tok, pos_mode)
         slot = p + i  # generated tokens of every row go to slot p+i; prompt padding slots stay masked
+        kv_slots = jnp.arange(attend_len)[None, :]
         mask = (kv_slots < prompt_len_B[:, None]) | ((kv_slots >= p) & (kv_slots <= slot))
         logits, cache = model.apply({"params": params}, tok[:, None], new_pos[:, None], mask[:, None, :], cache, slot)
         return i + 1, cache, logits[:, 0], out, done, n_gen, rng, new_pos, tuple(state)
 
+    # Decode in windows: the cache grows by `window` slots before each window of tokens, so a step
+    # attends over at most window-1 empty slots instead of the whole unfilled tail.
     carry = (jnp.int32(0), cache, last, out, done, n_gen, rng, last_pos, tuple(pos_state))
-    carry = jax.lax.while_loop(cond, body, carry)
+    for start in range(0, max_new, window):
+        end = min(start + window, max_new)
+        n = end - start
+        grow = [
+            {"k": jnp.pad(c["k"], ((0, 0),) * 3 + ((0, n),)), "v": jnp.pad(c["v"], ((0, 0), (0, 0), (0, n), (0, 0)))}
+            for c in carry[1]
+        ]
+        carry = (carry[0], grow, *carry[2:])
+        cond = lambda c, end=end: (c[0] < end) & ~jnp.all(c[4])  # noqa: E731
+        carry = jax.lax.while_loop(cond, functools.partial(body, attend_len=p + end), carry)
     return carry[3], carry[5]
 
 
