@@ -4,7 +4,8 @@
 
 Prints training tokens/s (same model config, batch and AdamW), sampling tokens/s (KV cache,
 same prompts, exactly `--new` tokens per row on both sides), the ratios, and the achieved
-training FLOP/s as a fraction of this machine's measured float32 matmul peak.
+training FLOP/s as a fraction of this machine's measured float32 matmul peak. Each pair is
+timed in alternating blocks and the medians compared (`compare`).
 """
 
 from __future__ import annotations
@@ -28,10 +29,29 @@ from molgen.lm.model import Qwen3, Qwen3Config, flops_per_token, packed_mask  # 
 
 def timed(fn, n):
     fn()  # warm-up / compile
-    t = time.perf_counter()
+    times = []
     for _ in range(n):
+        t = time.perf_counter()
         fn()
-    return (time.perf_counter() - t) / n
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def compare(fn_a, fn_b, n, rounds=3):
+    """Median seconds per call of two functions, timed in alternating blocks of n calls.
+
+    Alternating blocks spread a slow spell of a shared machine over both sides; each block starts
+    with an untimed call, because the thread pools of the side that just ran (PyTorch's OpenMP
+    workers spin-wait after each parallel region) slow the first calls of the other side."""
+    ta, tb = [], []
+    for _ in range(rounds):
+        for fn, times in ((fn_a, ta), (fn_b, tb)):
+            fn()
+            for _ in range(n):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+    return float(np.median(ta)), float(np.median(tb))
 
 
 def matmul_peak(n=2048, reps=10):
@@ -88,7 +108,6 @@ def main():
         state[0], state[1], val = step(state[0], state[1], tok_j)
         val.block_until_ready()
 
-    t_jax = timed(jax_train, a.reps)
     hf.train()
     topt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     tok_t = torch.tensor(tokens, dtype=torch.long)
@@ -99,7 +118,7 @@ def main():
         out.loss.backward()
         topt.step()
 
-    t_torch = timed(torch_train, a.reps)
+    t_jax, t_torch = compare(jax_train, torch_train, a.reps)
     n_tok = a.batch * a.seq
     print(
         f"train  tokens/s  molgen {n_tok / t_jax:10,.0f}   transformers {n_tok / t_torch:10,.0f}   "
@@ -116,7 +135,6 @@ def main():
         )
         out.block_until_ready()
 
-    g_jax = timed(jax_gen, max(1, a.reps // 2))
     hf.eval()
     tp = torch.tensor(prompts, dtype=torch.long)
 
@@ -132,7 +150,7 @@ def main():
                 pad_token_id=0,
             )
 
-    g_torch = timed(torch_gen, 1)
+    g_jax, g_torch = compare(jax_gen, torch_gen, max(1, a.reps // 3), rounds=2)
     n_gen = a.gen_batch * a.new
     print(
         f"sample tokens/s  molgen {n_gen / g_jax:10,.0f}   transformers {n_gen / g_torch:10,.0f}   "
