@@ -28,7 +28,9 @@ EXTRAS = {
     "lm": ["rdkit", "safetensors"],
     # torch==2.13.0 is the CPU wheel on this machine's disk; any other version pulls CUDA builds.
     "hf": ["torch==2.13.0", "transformers", "safetensors"],
-    "cg": [],
+    # e3nn-jax and jax-md pinned: their neighbour-list and irreps APIs change between releases.
+    # jax-md pulls pymatgen. pdbfixer ships the villin HP36 PDB the data producer starts from.
+    "cg": ["e3nn-jax==0.21.0", "jax-md==0.2.29", "h5py", "openmm", "pdbfixer", "scipy"],
     "crystal": [],
     "atomica": [],
     "test": ["pytest", "ruff"],
