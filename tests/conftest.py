@@ -22,3 +22,14 @@ def root():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running (minutes); deselect with -m 'not slow'")
+
+
+@pytest.fixture(scope="session")
+def villin_h5(tmp_path_factory):
+    """A tiny real mdCATH-format file: villin HP36, 320 and 348 K, one replica, 3 frames each."""
+    from molgen.cg import simulate
+
+    out = tmp_path_factory.mktemp("cg") / "mdcath_dataset_villin.h5"
+    return simulate.produce(
+        str(out), temperatures=(320, 348), replicas=1, frames=3, steps_per_frame=5, equilibration_steps=10, chunk=2
+    )

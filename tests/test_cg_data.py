@@ -11,15 +11,14 @@ import h5py
 import numpy as np
 import pytest
 
-from molgen.cg import mdcath, simulate
+from molgen.cg import mdcath
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(temperatures=(320, 348), replicas=1, frames=3, steps_per_frame=5, equilibration_steps=10, chunk=2)
 
 
-@pytest.fixture(scope="module")
-def villin(tmp_path_factory):
-    return simulate.produce(str(tmp_path_factory.mktemp("cg") / "mdcath_dataset_villin.h5"), **TINY)
+@pytest.fixture
+def villin(villin_h5):
+    return villin_h5
 
 
 def test_layout_matches_mdcath(villin):

@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from molgen.chem import enriched, moses
+from molgen.core.records import as_str
 from molgen.lm import tokenizer
 
 SPLITS = ("train", "validation", "test")
@@ -160,11 +161,6 @@ def _tokenize(ex, seq_len: int, pos_mode: str):
     text = enriched.unit_text(as_str(ex["smiles"]), as_str(ex["enriched"]))
     ids = np.concatenate([tokenizer.encode(text), [tokenizer.EOT_ID]]).astype(np.int32)[:seq_len]
     return {"tokens": ids, "positions": tokenizer.positions(ids, pos_mode)}
-
-
-def as_str(x) -> str:
-    """TFDS Text features come back as bytes from an ArrayRecord data source."""
-    return x.decode() if isinstance(x, bytes) else str(x)
 
 
 def _stream(source, stream, n_streams, rows, seq_len, seed, train, bins, pos_mode):

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from molgen.chem import conformers, enriched
-from molgen.lm import data as lm_data
+from molgen.core.records import as_str
 from molgen.lm import sample
 
 log = logging.getLogger("molgen")
@@ -54,8 +54,8 @@ def evaluate(config, workdir: str, model_cfg, params, test_source) -> dict:
     by_mol: dict[int, dict] = {}
     for i in range(len(test_source)):
         ex = test_source[i]
-        rec = by_mol.setdefault(int(ex["mol_index"]), {"smiles": lm_data.as_str(ex["smiles"]), "refs": []})
-        rec["refs"].append(lm_data.as_str(ex["enriched"]))
+        rec = by_mol.setdefault(int(ex["mol_index"]), {"smiles": as_str(ex["smiles"]), "refs": []})
+        rec["refs"].append(as_str(ex["enriched"]))
     mols = sorted(by_mol.items())[: ec.num_molecules]
     if jax.process_index() != 0:
         return {}

@@ -1,0 +1,195 @@
+"""CG frames from a folder of mdCATH-format files: a TFDS builder (ArrayRecord, no TensorFlow).
+
+Every (domain, temperature, replica, frame) becomes one example with `n_max` beads:
+positions (Å), forces (kcal/mol/Å), species (index into `mdcath.AMINO_ACIDS`, the global
+species map stored in the dataset metadata and in `species.json`) and a mask. Padded beads
+are parked far away on a line, `PARK_SPACING` apart, so they never come within a cutoff of
+each other or of the protein and never enter a neighbour list; their forces are zero.
+
+Splits:
+- by frame (default): frames of all proteins are shuffled with `seed` and cut into
+  train/validation/test by `val_fraction` and `test_fraction`;
+- by protein: the domains named in `test_domains` form the test split (transfer), the other
+  domains' frames are cut into train/validation.
+Frames with NaN are rejected (naming the file, domain, temperature and replica) or skipped
+and counted in `build_report.json`, as `on_nan` says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import logging
+import os
+import pathlib
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from molgen.cg import mdcath
+
+SPLITS = ("train", "validation", "test")
+PARK_ORIGIN = 1.0e4  # Å from the origin
+PARK_SPACING = 50.0  # Å between parked beads: more than any cutoff
+log = logging.getLogger("molgen")
+
+
+@dataclasses.dataclass
+class CGConfig(tfds.core.BuilderConfig):
+    source: str = ""  # folder of mdcath_dataset_*.h5 files (or one file)
+    n_max: int = 0  # 0: the largest protein
+    split: str = "frame"  # "frame" or "protein"
+    test_domains: tuple = ()
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    on_nan: str = "error"
+    seed: int = 0
+
+
+def source_files(source: str) -> list[str]:
+    files = sorted(glob.glob(os.path.join(source, "*.h5"))) if os.path.isdir(source) else [source]
+    if not files or not all(os.path.exists(f) for f in files):
+        raise FileNotFoundError(f"no mdCATH .h5 files at {source!r}")
+    return files
+
+
+def config_name(c: CGConfig) -> str:
+    stamp = "".join(
+        f"{os.path.basename(f)}:{os.path.getsize(f)}:{int(os.path.getmtime(f))}" for f in source_files(c.source)
+    )
+    key = json.dumps([stamp, c.n_max, c.split, list(c.test_domains), c.val_fraction, c.test_fraction, c.on_nan, c.seed])
+    return "cg_" + hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def parked(n: int) -> np.ndarray:
+    """Positions of n padded beads."""
+    x = PARK_ORIGIN + PARK_SPACING * np.arange(n, dtype=np.float32)
+    return np.stack([x, np.zeros_like(x), np.zeros_like(x)], axis=-1)
+
+
+def pad_frame(species, positions, forces, n_max: int):
+    n = len(species)
+    if n > n_max:
+        raise ValueError(f"protein with {n} beads exceeds n_max={n_max}")
+    pos = np.concatenate([positions, parked(n_max - n)]).astype(np.float32)
+    frc = np.concatenate([forces, np.zeros((n_max - n, 3), np.float32)]).astype(np.float32)
+    spc = np.concatenate([species, np.zeros(n_max - n, np.int32)]).astype(np.int32)
+    mask = np.arange(n_max) < n
+    return {"positions": pos, "forces": frc, "species": spc, "mask": mask}
+
+
+class MdcathCG(tfds.core.GeneratorBasedBuilder):
+    """One-bead-per-residue frames of mdCATH-format trajectories."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [CGConfig(name="default")]
+
+    def __init__(self, *, config: CGConfig, **kw):
+        super().__init__(config=config, **kw)
+        self.counts: dict = {}
+
+    def _info(self):
+        n = self.builder_config.n_max
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict(
+                {
+                    "positions": tfds.features.Tensor(shape=(n, 3), dtype=np.float32),
+                    "forces": tfds.features.Tensor(shape=(n, 3), dtype=np.float32),
+                    "species": tfds.features.Tensor(shape=(n,), dtype=np.int32),
+                    "mask": tfds.features.Tensor(shape=(n,), dtype=np.bool_),
+                    "domain": tfds.features.Text(),
+                    "temperature": np.int32,
+                    "replica": np.int32,
+                    "frame": np.int32,
+                }
+            ),
+            metadata=tfds.core.MetadataDict(species=list(mdcath.AMINO_ACIDS)),
+        )
+
+    def _split_generators(self, dl_manager):
+        c = self.builder_config
+        runs = [r for f in source_files(c.source) for r in mdcath.read_cg(f, on_nan=c.on_nan)]
+        index = [(i, f) for i, r in enumerate(runs) for f in range(len(r.positions))]
+        rng = np.random.default_rng(c.seed)
+        if c.split == "frame":
+            order = rng.permutation(len(index))
+            n_test, n_val = int(round(c.test_fraction * len(index))), int(round(c.val_fraction * len(index)))
+            parts = {
+                "test": order[:n_test],
+                "validation": order[n_test : n_test + n_val],
+                "train": order[n_test + n_val :],
+            }
+        elif c.split == "protein":
+            known = {r.domain for r in runs}
+            if not set(c.test_domains) <= known:
+                raise ValueError(
+                    f"test_domains {sorted(set(c.test_domains) - known)} not among the domains {sorted(known)}"
+                )
+            test = np.asarray([k for k, (i, _) in enumerate(index) if runs[i].domain in c.test_domains], np.int64)
+            rest = rng.permutation([k for k, (i, _) in enumerate(index) if runs[i].domain not in c.test_domains])
+            n_val = int(round(c.val_fraction * len(rest)))
+            parts = {"test": test, "validation": rest[:n_val], "train": rest[n_val:]}
+        else:
+            raise ValueError(f"data.split must be 'frame' or 'protein', got {c.split!r}")
+        self.counts = {
+            "domains": sorted({r.domain for r in runs}),
+            "frames": {s: int(len(v)) for s, v in parts.items()},
+            "skipped_frames": {
+                f"{r.domain}/{r.temperature}/{r.replica}": list(r.skipped_frames) for r in runs if r.skipped_frames
+            },
+        }
+        return {s: self._generate_examples(runs, [index[k] for k in sorted(parts[s])]) for s in SPLITS}
+
+    def _generate_examples(self, runs, items):
+        n_max = self.builder_config.n_max
+        for i, f in items:
+            r = runs[i]
+            ex = pad_frame(r.species, r.positions[f], r.forces[f], n_max)
+            ex.update(domain=r.domain, temperature=r.temperature, replica=r.replica, frame=f)
+            yield f"{r.domain}_{r.temperature}_{r.replica}_{f}", ex
+
+
+def build(cfg, data_dir: str) -> MdcathCG:
+    """Build (once) and return the builder for a `data` config group; writes build_report.json
+    and species.json next to the dataset."""
+    n_max = cfg.n_max or max(len(r.species) for f in source_files(cfg.source) for r in _topologies(f))
+    bc = CGConfig(
+        name="",
+        source=os.path.abspath(os.path.expanduser(cfg.source)),
+        n_max=n_max,
+        split=cfg.split,
+        test_domains=tuple(cfg.test_domains),
+        val_fraction=cfg.val_fraction,
+        test_fraction=cfg.test_fraction,
+        on_nan=cfg.on_nan,
+        seed=cfg.seed,
+    )
+    bc = dataclasses.replace(bc, name=config_name(bc))
+    builder = MdcathCG(config=bc, data_dir=str(pathlib.Path(data_dir).expanduser()), file_format="array_record")
+    out = pathlib.Path(builder.data_dir)
+    if not (out / "build_report.json").exists():
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        (out / "species.json").write_text(json.dumps(list(mdcath.AMINO_ACIDS)))
+        report = {"config": dataclasses.asdict(bc), **builder.counts}
+        (out / "build_report.json").write_text(json.dumps(report, indent=1, default=str))
+        n_skipped = sum(len(v) for v in builder.counts["skipped_frames"].values())
+        if n_skipped:
+            log.warning("skipped %d frames with NaN; see %s", n_skipped, out / "build_report.json")
+    return builder
+
+
+def report(builder) -> dict:
+    return json.loads((pathlib.Path(builder.data_dir) / "build_report.json").read_text())
+
+
+def _topologies(path):
+    """The topology of each domain of a file (to size n_max) without reading frames."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        for dom in f.keys():
+            yield mdcath.parse_topology(
+                mdcath._text(f[dom]["pdbProteinAtoms"]), dom, f"{os.path.basename(path)}: domain {dom}: "
+            )
