@@ -1,0 +1,253 @@
+"""Physics priors of the CG model and their fit by Boltzmann inversion (REFERENCE.md section 2).
+
+| term      | energy                               | beads                          |
+| bond      | 0.5 kr (r - r0)^2                    | (i, i+1)                       |
+| angle     | sum_n a_n cos(n theta) + b_n sin(n theta) | (i, i+1, i+2)             |
+| dihedral  | sum_n k_n (1 + cos(n phi - gamma_n)) | (i, ..., i+3)                  |
+| repulsive | eps (sigma / r)^4                    | pairs with separation >= 6     |
+| excluded  | eps (sigma_s / r)^4, one sigma per s | separations s = 2..5 (switch)  |
+
+Parameters are shared by all residues (one chain per domain, beads in sequence order); each
+term's energy is multiplied by its weight (defaults bond 0.5, angle 0.25, dihedral 0.25,
+repulsive and excluded 1.0). Terms touching a padded bead are masked (see `geometry`).
+
+Fit: U(x) = -kT ln(p(x) / J(x)) from the training frames' histograms, with the Jacobians
+J(r) = r^2 (bonds) and J(theta) = sin(theta) (angles), then least squares on populated bins:
+a quadratic for bonds, a Fourier series for angles and a cosine series for dihedrals. sigma is
+the `tail_quantile` of the pair distances (repulsive, and each excluded separation), and eps
+is kT, so that U(sigma) = kT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from molgen.cg import geometry
+
+KB = 0.0019872041  # kcal/mol/K
+TERMS = ("bond", "angle", "dihedral", "repulsive", "excluded")
+DEFAULT_WEIGHTS = {"bond": 0.5, "angle": 0.25, "dihedral": 0.25, "repulsive": 1.0, "excluded": 1.0}
+EXCLUDED_SEPS = (2, 3, 4, 5)
+MIN_REPULSIVE_SEP = 6
+
+
+def topology(n_max: int) -> dict:
+    """Index tuples of every term for a chain of n_max beads (numpy; static under jit)."""
+    i = np.arange(n_max)
+    pairs = np.stack(np.triu_indices(n_max, 1), axis=-1)
+    sep = pairs[:, 1] - pairs[:, 0]
+    return {
+        "bond": np.stack([i[:-1], i[1:]], -1),
+        "angle": np.stack([i[:-2], i[1:-1], i[2:]], -1),
+        "dihedral": np.stack([i[:-3], i[1:-2], i[2:-1], i[3:]], -1),
+        "repulsive": pairs[sep >= MIN_REPULSIVE_SEP],
+        "excluded": pairs[(sep >= 2) & (sep <= 5)],
+        "excluded_sep": sep[(sep >= 2) & (sep <= 5)],
+    }
+
+
+def _valid(mask, idx):
+    return jnp.all(mask[idx], axis=-1)
+
+
+def _power_wall(r, valid, sigma, eps):
+    r_safe = jnp.where(valid & (r > 0), r, 1.0)  # double where: no inf/NaN in the masked branch
+    return jnp.where(valid & (r > 0), eps * (sigma / r_safe) ** 4, 0.0)
+
+
+def term_energies(params, positions_Nx3, mask_N, topo, weights=None, excluded: bool = True) -> dict:
+    """Energy of each prior term for one frame, kcal/mol (scalars)."""
+    w = dict(DEFAULT_WEIGHTS, **(weights or {}))
+    out = {}
+    v = _valid(mask_N, topo["bond"])
+    r = geometry.distances(geometry.gather(positions_Nx3, topo["bond"], v))
+    p = params["bond"]
+    out["bond"] = jnp.sum(jnp.where(v, 0.5 * p["kr"] * (r - p["r0"]) ** 2, 0.0))
+
+    v = _valid(mask_N, topo["angle"])
+    theta = geometry.angles(geometry.gather(positions_Nx3, topo["angle"], v))
+    n = jnp.arange(1, params["angle"]["a"].shape[0] + 1)
+    e = jnp.sum(
+        params["angle"]["a"] * jnp.cos(n * theta[:, None]) + params["angle"]["b"] * jnp.sin(n * theta[:, None]), -1
+    )
+    out["angle"] = jnp.sum(jnp.where(v, e, 0.0))
+
+    v = _valid(mask_N, topo["dihedral"])
+    phi = geometry.dihedrals(geometry.gather(positions_Nx3, topo["dihedral"], v))
+    p = params["dihedral"]
+    n = jnp.arange(1, p["k"].shape[0] + 1)
+    e = jnp.sum(p["k"] * (1 + jnp.cos(n * phi[:, None] - p["gamma"])), -1)
+    out["dihedral"] = jnp.sum(jnp.where(v, e, 0.0))
+
+    v = _valid(mask_N, topo["repulsive"])
+    r = geometry.distances(geometry.gather(positions_Nx3, topo["repulsive"], v))
+    out["repulsive"] = jnp.sum(_power_wall(r, v, params["repulsive"]["sigma"], params["repulsive"]["eps"]))
+
+    if excluded:
+        v = _valid(mask_N, topo["excluded"])
+        r = geometry.distances(geometry.gather(positions_Nx3, topo["excluded"], v))
+        sigma = params["excluded"]["sigma"][topo["excluded_sep"] - 2]
+        out["excluded"] = jnp.sum(_power_wall(r, v, sigma, params["excluded"]["eps"]))
+    return {k: w[k] * e for k, e in out.items()}
+
+
+def energy(params, positions_Nx3, mask_N, topo, weights=None, excluded: bool = True):
+    return sum(term_energies(params, positions_Nx3, mask_N, topo, weights, excluded).values())
+
+
+# ----------------------------------------------------------------------------- fitting
+
+
+def _pmf(values, bins, kT, jacobian=None):
+    hist, edges = np.histogram(values, bins=bins)
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    ok = hist > 0
+    p = hist / hist.sum()
+    j = np.ones_like(centres) if jacobian is None else jacobian(centres)
+    with np.errstate(divide="ignore"):
+        u = -kT * np.log(p / np.maximum(j, 1e-12))
+    return centres, u, ok, hist
+
+
+def _lsq(design, u, w):
+    sw = np.sqrt(w)
+    coef, *_ = np.linalg.lstsq(design * sw[:, None], u * sw, rcond=None)
+    return coef
+
+
+def fit_harmonic(r, kT: float, bins: int = 100):
+    """kr, r0 of 0.5 kr (r - r0)^2 from bond lengths, with the r^2 Jacobian; and the PMF curve."""
+    c, u, ok, h = _pmf(r, bins, kT, lambda x: x**2)
+    coef = _lsq(np.stack([c[ok] ** 2, c[ok], np.ones(ok.sum())], -1), u[ok], h[ok])
+    if coef[0] > 0:
+        kr, r0 = 2 * coef[0], -coef[1] / (2 * coef[0])
+    else:  # degenerate histogram: Gaussian estimate
+        kr, r0 = kT / max(np.var(r), 1e-6), float(np.mean(r))
+    return {"kr": float(kr), "r0": float(r0)}, (c[ok], u[ok] - u[ok].min())
+
+
+def _geometry_samples(positions_FxNx3, mask_FxN, topo):
+    """Bond lengths, angles, dihedrals and pair distances of real beads over all frames."""
+    f = jax.jit(
+        jax.vmap(
+            lambda x, m: (
+                geometry.distances(x[topo["bond"]]),
+                geometry.angles(x[topo["angle"]]),
+                geometry.dihedrals(x[topo["dihedral"]]),
+                geometry.distances(x[topo["repulsive"]]),
+                geometry.distances(x[topo["excluded"]]),
+            )
+        )
+    )
+    out = [np.asarray(a) for a in f(jnp.asarray(positions_FxNx3), jnp.asarray(mask_FxN))]
+    masks = [
+        np.all(np.asarray(mask_FxN)[:, topo[k]], -1) for k in ("bond", "angle", "dihedral", "repulsive", "excluded")
+    ]
+    return out, masks
+
+
+def fit(positions_FxNx3, mask_FxN, temperature: float, n_angle: int = 6, n_dihedral: int = 4, bins: int = 100,
+        tail_quantile: float = 0.005):  # fmt: skip
+    """Fitted parameters (numpy) and the histograms behind them (for plots)."""
+    n_max = positions_FxNx3.shape[1]
+    topo = topology(n_max)
+    kT = KB * temperature
+    (r, theta, phi, rr, rx), (mb, ma, md, mr, mx) = _geometry_samples(positions_FxNx3, mask_FxN, topo)
+    r, theta, phi, rr = r[mb], theta[ma], phi[md], rr[mr]
+    if r.size == 0:
+        raise ValueError("no bonds between real beads in the frames given to the prior fit")
+    curves = {}
+
+    bond, curves["bond"] = fit_harmonic(r, kT, bins)
+
+    c, u, ok, h = _pmf(theta, np.linspace(0, np.pi, bins + 1), kT, np.sin)
+    n = np.arange(1, n_angle + 1)
+    design = np.concatenate([np.cos(n * c[ok, None]), np.sin(n * c[ok, None]), np.ones((ok.sum(), 1))], -1)
+    coef = _lsq(design, u[ok], h[ok])
+    angle = {"a": coef[:n_angle].tolist(), "b": coef[n_angle : 2 * n_angle].tolist()}
+    curves["angle"] = (c[ok], u[ok] - u[ok].min())
+
+    c, u, ok, h = _pmf(phi, np.linspace(-np.pi, np.pi, bins + 1), kT)
+    n = np.arange(1, n_dihedral + 1)
+    design = np.concatenate([np.cos(n * c[ok, None]), np.sin(n * c[ok, None]), np.ones((ok.sum(), 1))], -1)
+    coef = _lsq(design, u[ok], h[ok])
+    a, b = coef[:n_dihedral], coef[n_dihedral : 2 * n_dihedral]  # k cos(n phi - g) = k cos g cos + k sin g sin
+    dihedral = {"k": np.hypot(a, b).tolist(), "gamma": np.arctan2(b, a).tolist()}
+    curves["dihedral"] = (c[ok], u[ok] - u[ok].min())
+
+    repulsive = {"sigma": float(np.quantile(rr, tail_quantile)), "eps": float(kT)}
+    sep = topo["excluded_sep"]
+    sig = []
+    for s in EXCLUDED_SEPS:
+        d = rx[:, sep == s][mx[:, sep == s]]
+        sig.append(float(np.quantile(d, tail_quantile)) if d.size else 0.0)
+    excluded = {"sigma": sig, "eps": float(kT)}
+    params = {"bond": bond, "angle": angle, "dihedral": dihedral, "repulsive": repulsive, "excluded": excluded}
+    samples = {"bond": r, "angle": theta, "dihedral": phi, "repulsive": rr}
+    return params, curves, samples
+
+
+def as_jax(params, dtype=jnp.float32):
+    """Parameters as arrays (lists of coefficients become vectors)."""
+    if isinstance(params, dict):
+        return {k: as_jax(v, dtype) for k, v in params.items()}
+    return jnp.asarray(params, dtype)
+
+
+def save(params, path: str):
+    with open(path, "w") as f:
+        json.dump(jax.tree.map(lambda x: np.asarray(x).tolist(), params), f, indent=1)
+
+
+def load(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def plot(params, curves, samples, temperature: float, path: str):
+    """Fitted potential against the Boltzmann-inverted histogram, one panel per term."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p = as_jax(params)
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
+    x, u = curves["bond"]
+    fit_u = 0.5 * params["bond"]["kr"] * (x - params["bond"]["r0"]) ** 2
+    panels = [("bond", "r (Å)", x, u, fit_u)]
+    for key, label in (("angle", "θ (rad)"), ("dihedral", "φ (rad)")):
+        x, u = curves[key]
+        n = np.arange(1, len(params[key]["a" if key == "angle" else "k"]) + 1)
+        if key == "angle":
+            f = np.sum(
+                np.asarray(p["angle"]["a"]) * np.cos(n * x[:, None])
+                + np.asarray(p["angle"]["b"]) * np.sin(n * x[:, None]),
+                -1,
+            )
+        else:
+            f = np.sum(
+                np.asarray(p["dihedral"]["k"]) * (1 + np.cos(n * x[:, None] - np.asarray(p["dihedral"]["gamma"]))), -1
+            )
+        panels.append((key, label, x, u, f))
+    for ax, (key, label, x, u, f) in zip(axes, panels, strict=False):
+        ax.plot(x, u, "k.", ms=3, label="-kT ln p / J")
+        ax.plot(x, f - f.min(), "r-", label="fit")
+        ax.set(title=key, xlabel=label, ylabel="kcal/mol")
+        ax.legend(fontsize=7)
+    ax = axes[3]
+    rr = samples["repulsive"]
+    ax.hist(rr, bins=100, density=True, color="0.6")
+    ax.axvline(params["repulsive"]["sigma"], color="r", label=f"σ = {params['repulsive']['sigma']:.2f} Å")
+    ax.set(title="pairs, separation ≥ 6", xlabel="r (Å)")
+    ax.legend(fontsize=7)
+    fig.suptitle(f"priors by Boltzmann inversion at {temperature:.0f} K")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
