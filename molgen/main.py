@@ -15,7 +15,10 @@ import re
 from absl import app, flags
 from ml_collections import config_flags
 
-FAMILIES = {"lm": "molgen.lm.pretrain"}  # config.family -> module with train_and_evaluate(config, workdir)
+FAMILIES = {
+    "lm": "molgen.lm.pretrain",
+    "cg": "molgen.cg.train",
+}  # config.family -> module with train_and_evaluate(config, workdir)
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: config, logs, metrics, checkpoints, plots.")

@@ -49,11 +49,14 @@ def fit(
     items_per_step: Callable[[dict], float] | None = None,
     item_name: str = "tokens",
     meta: dict | None = None,
+    check: Callable[[int, dict], None] | None = None,
 ) -> tuple[TrainState, dict]:
     """Train `params` for `config.train.steps` steps; returns (final state, last eval metrics).
 
     `train_data`: a Grain IterDataset of this process's batch rows (checkpointed with the state).
     `eval_fn(params, step) -> dict`: evaluation metrics ("eval/" is prefixed when logging).
+    `check(step, metrics)`: raises to stop the run on a family-specific bad state (after the NaN
+    guard; the last good checkpoint is kept).
     """
     tc, steps = config.train, config.train.steps
     tx, schedule = optim.make_optimizer(config.optim, steps)
@@ -86,6 +89,8 @@ def fit(
 
     def report(step, m):
         mlog.check_finite(step, m)
+        if check is not None:
+            check(step, m)
         writer.write(step, m, "train/")
         if step % tc.log_every == 0 or step == steps:
             per_step = items_per_step(m) if items_per_step else 0.0
@@ -110,7 +115,7 @@ def fit(
                 log.info("eval step %d: %s", step, " ".join(f"{k} {v:.4g}" for k, v in eval_metrics.items()))
             if do_save:
                 ck_metrics = {f"eval/{k}": v for k, v in eval_metrics.items()} if do_eval else None
-                checkpoint.save(mgr, step, _state_dict(state), data_iter, {**meta, "step": step}, ck_metrics)
+                checkpoint.save(mgr, step, _state_dict(state), data_iter, _meta(meta, step), ck_metrics)
         if pending is not None:
             pending = (pending[0], _fetch(pending[1]))
             report(*pending)
@@ -119,6 +124,15 @@ def fit(
         writer.flush()
     multihost_utils.sync_global_devices("molgen_fit_done")
     return state, eval_metrics
+
+
+def _meta(meta: dict, step: int) -> dict:
+    """Checkpoint metadata: the caller's (e.g. the stage), the step, and the epoch when the
+    caller gives `steps_per_epoch`."""
+    out = {**meta, "step": step}
+    if meta.get("steps_per_epoch"):
+        out["epoch"] = step // meta["steps_per_epoch"]
+    return out
 
 
 def write_json(workdir: str, name: str, obj) -> None:

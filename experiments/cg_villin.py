@@ -1,0 +1,95 @@
+"""CG force field of villin HP36: simulate (or reuse), coarse-grain, fit priors, train, evaluate.
+
+python -m molgen.main --config=experiments/cg_villin.py --workdir=runs/cg_villin
+python -m molgen.main --config=experiments/cg_villin.py:full --workdir=runs/cg_villin_full
+
+The quick variant (default) fits in 20 minutes on a 2-core CPU, simulation included the first
+time (the data go to ~/.cache/molgen/cg/villin_quick and are reused). The full variant
+simulates more frames and temperatures and trains longer with a 3-seed ensemble.
+"""
+
+import os
+
+import ml_collections
+
+from configs import common
+
+CACHE = os.path.join(os.environ.get("MOLGEN_CACHE", os.path.expanduser("~/.cache/molgen")))
+
+
+def stage(name, lr, epochs, schedule, warmup_steps=0, **kw):
+    opt = common.optim(name=name, lr=lr, schedule=schedule, warmup_steps=warmup_steps, weight_decay=0.0,
+                       b1=0.9, b2=0.999, clip_norm=10.0, final_lr_frac=0.01, **kw)  # fmt: skip
+    return ml_collections.ConfigDict(
+        dict(enabled=True, optim=opt, epochs=epochs, eval_every_epochs=1, ckpt_every_epochs=1)
+    )
+
+
+def get_config(variant: str = "quick"):
+    if variant not in ("quick", "full"):
+        raise ValueError(f"unknown variant {variant!r}; use quick or full")
+    quick = variant == "quick"
+    cfg = common.base("cg")
+    cfg.data = ml_collections.ConfigDict(
+        dict(
+            source=os.path.join(CACHE, "cg", f"villin_{variant}"),
+            data_dir=os.path.join(CACHE, "tfds"),
+            n_max=0,
+            split="frame",
+            test_domains=(),
+            val_fraction=0.1,
+            test_fraction=0.2,
+            on_nan="error",
+            seed=0,
+            simulate=dict(
+                enabled=True,
+                domain="villin",
+                pdb="",
+                temperatures=(320, 348) if quick else (320, 348, 379),
+                replicas=2 if quick else 3,
+                frames=150 if quick else 1000,
+                steps_per_frame=10,
+                equilibration_steps=500,
+                seed=0,
+            ),
+        )
+    )
+    cfg.model = ml_collections.ConfigDict(
+        dict(
+            cutoff=12.0,
+            n_basis=24,
+            n_layers=3 if quick else 4,
+            latent=32 if quick else 64,
+            channels=4 if quick else 8,
+            lmax=2,
+            embed=8 if quick else 16,
+            mlp_depth=2,
+            avg_neighbors=20.0,
+            capacity_multiplier=1.2,
+        )  # fmt: skip
+    )
+    if not quick:
+        cfg.model.n_basis = 36
+    cfg.priors = ml_collections.ConfigDict(
+        dict(
+            temperature=0,
+            n_angle=6,
+            n_dihedral=4,
+            bins=60,
+            tail_quantile=0.005,
+            excluded_volume=True,
+            weights=dict(bond=0.5, angle=0.25, dihedral=0.25, repulsive=1.0, excluded=1.0),
+        )  # fmt: skip
+    )
+    cfg.loss = ml_collections.ConfigDict(dict(gamma_f=1.0, gamma_u=0.0))
+    cfg.stages = ml_collections.ConfigDict(
+        dict(
+            lbfgs=dict(enabled=True, iterations=50, frames=256),
+            stage1=stage("adabelief", 3e-3, 12 if quick else 100, "warmup_cosine", warmup_steps=20),
+            stage2=stage("yogi", 3e-4, 3 if quick else 20, "constant"),
+        )
+    )
+    cfg.ensemble = ml_collections.ConfigDict(dict(seeds=1 if quick else 3))
+    cfg.train = common.train(batch_size=16, log_every=20, seed=0)
+    cfg.ckpt = common.ckpt(best_metric="eval/force_mse", keep=2)
+    return cfg

@@ -1,0 +1,87 @@
+"""Allegro (strictly local, edge-based equivariant network) in Flax linen with e3nn-jax.
+
+Per directed edge i -> j within the cutoff (REFERENCE.md section 2):
+- scalar latent x_ij = MLP(Bessel(r_ij), emb(Z_i), emb(Z_j)) * u(r_ij), u a smooth polynomial
+  envelope that vanishes at the cutoff;
+- equivariant features V_ij = w(x_ij) * Y(r_hat_ij), one weight per channel and per l.
+Each layer:
+- env_i = sum over the edges k of centre i of w'(x_ik) * Y(r_hat_ik) / sqrt(avg_neighbours);
+- T_ij = V_ij (x) env_i, channel by channel (e3nn tensor product);
+- x_ij <- (x_ij + MLP(x_ij, scalars of T_ij) * u(r_ij)) / sqrt(2), V_ij <- Linear(T_ij).
+Readout: an energy per edge from x_ij, summed into per-bead and total energies.
+
+Edges come from a padded sparse neighbour list; entries with `valid` False (padding, or pairs
+touching a padded bead) contribute nothing, and their geometry is replaced before any
+division, so they cannot produce NaN in values or gradients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import e3nn_jax as e3nn
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from molgen.cg import geometry
+
+
+def _mlp(features, depth, width, name):
+    return e3nn.flax.MultiLayerPerceptron(
+        [width] * depth + [features], act=jax.nn.silu, output_activation=False, name=name
+    )
+
+
+def _per_l(y: e3nn.IrrepsArray, w_ExCxL):
+    """Scale each l block of Y [E, dim] by its own weight per channel: [E, C, dim]."""
+    reps = jnp.asarray([mul_ir.ir.dim * mul_ir.mul for mul_ir in y.irreps])
+    w = jnp.repeat(w_ExCxL, reps, axis=-1, total_repeat_length=y.irreps.dim)
+    return e3nn.IrrepsArray(y.irreps, y.array[:, None, :] * w)
+
+
+class Allegro(nn.Module):
+    n_species: int = 20
+    cutoff: float = 12.0
+    n_basis: int = 24
+    n_layers: int = 3
+    latent: int = 64
+    channels: int = 8
+    lmax: int = 2
+    embed: int = 16
+    mlp_depth: int = 2
+    avg_neighbors: float = 20.0
+
+    @nn.compact
+    def __call__(self, positions_Nx3, species_N, centres_E, neighbours_E, valid_E):
+        """Per-bead energies [N] (kcal/mol)."""
+        n = positions_Nx3.shape[0]
+        vec = positions_Nx3[neighbours_E] - positions_Nx3[centres_E]
+        r = geometry.safe_norm(vec)
+        live = valid_E & (r > 1e-6) & (r < self.cutoff)
+        vec = jnp.where(live[:, None], vec, jnp.array([1.0, 0.0, 0.0]))
+        r = jnp.where(live, r, 1.0)
+        u = jnp.where(live, e3nn.poly_envelope(5, 2, self.cutoff)(r), 0.0)[:, None]  # [E, 1]
+
+        irreps_y = e3nn.Irreps.spherical_harmonics(self.lmax)
+        y = e3nn.spherical_harmonics(irreps_y, vec, normalize=True, normalization="component")
+        n_l = self.lmax + 1
+        emb = nn.Embed(self.n_species, self.embed, name="species_embed")(species_N)
+        basis = e3nn.bessel(r, self.n_basis, self.cutoff)
+        x = jnp.concatenate([basis, emb[centres_E], emb[neighbours_E]], axis=-1)
+        x = _mlp(self.latent, self.mlp_depth, self.latent, "two_body")(x) * u
+        v = _per_l(y, nn.Dense(self.channels * n_l, name="v0")(x).reshape(-1, self.channels, n_l))
+        norm = 1.0 / math.sqrt(self.avg_neighbors)
+        for layer in range(self.n_layers):
+            w = nn.Dense(self.channels * n_l, name=f"env_{layer}")(x).reshape(-1, self.channels, n_l)
+            env_edge = _per_l(y, w).array * u[:, :, None]
+            env = jax.ops.segment_sum(env_edge, centres_E, num_segments=n) * norm  # [N, C, dim]
+            t = e3nn.tensor_product(v, e3nn.IrrepsArray(irreps_y, env[centres_E]), filter_ir_out=irreps_y)
+            scalars = t.filter(keep="0e").array.reshape(t.shape[0], -1)
+            x_new = _mlp(self.latent, self.mlp_depth, self.latent, f"latent_{layer}")(jnp.concatenate([x, scalars], -1))
+            x = (x + x_new * u) / math.sqrt(2.0)
+            if layer < self.n_layers - 1:
+                v = e3nn.flax.Linear(irreps_y, name=f"linear_{layer}")(t)
+        e_edge = _mlp(1, 1, self.latent, "readout")(x)[:, 0] * u[:, 0]
+        e_edge = jnp.where(live, e_edge, 0.0)
+        return jax.ops.segment_sum(e_edge, centres_E, num_segments=n)

@@ -1,0 +1,505 @@
+"""CG force field: data -> priors -> (LBFGS) -> stage 1 -> stage 2 -> evaluation, per ensemble seed.
+
+The model energy is E(x) = priors(x) + Allegro(x); forces are -dE/dx. The priors are fitted by
+Boltzmann inversion on the training frames (`priors.json`, `priors.png`), optionally refined
+by L-BFGS on the force-matching loss of the priors alone (`priors_lbfgs.json`), and then held
+fixed while Allegro learns the rest by force matching:
+
+    loss = gamma_F * MSE(F) over the xyz components of real beads
+    (gamma_U * MSE(E) needs reference energies, which mdCATH does not store: gamma_U must be 0).
+
+Stages (each switchable): stage1 (AdaBelief, warmup-cosine), stage2 (Yogi, lower lr). Each
+stage trains with the shared loop in `<workdir>/seed_<k>/<stage>/`, whose checkpoints record
+the stage and epoch; a killed run started again resumes in the stage and epoch it reached.
+With `ensemble.seeds` > 1 the seeds train one after another and the best by validation force
+MSE is kept (`ensemble.json` reports every seed and the spread).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from molgen.cg import allegro, data, neighbors, priors, simulate
+from molgen.core import loop
+from molgen.core.distributed import make_mesh
+
+log = logging.getLogger("molgen")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def build_data(config):
+    """Simulate the source if it is missing and asked to, build the TFDS dataset on process 0."""
+    dc = config.data
+    if jax.process_index() == 0:
+        if dc.simulate.enabled and not os.path.exists(dc.source):
+            s = dc.simulate
+            out = os.path.join(dc.source, f"mdcath_dataset_{s.domain}.h5")
+            log.info("simulating %s into %s", s.domain, out)
+            simulate.produce(out, s.pdb or None, s.domain, tuple(s.temperatures), s.replicas, s.frames,
+                             s.steps_per_frame, s.equilibration_steps, seed=s.seed)  # fmt: skip
+        builder = data.build(dc, dc.data_dir)
+        log.info("dataset %s: %s", builder.data_dir, data.report(builder)["frames"])
+    multihost_utils.sync_global_devices("molgen_cg_data_built")
+    return data.build(dc, dc.data_dir)
+
+
+def load_split(source) -> dict:
+    """All frames of a split as numpy arrays (CG datasets are small)."""
+    keys = ("positions", "forces", "species", "mask", "temperature")
+    rows = [source[i] for i in range(len(source))]
+    return {k: np.stack([np.asarray(r[k]) for r in rows]) for k in keys}
+
+
+def _stream(source, stream, n_streams, rows, seed, train):
+    ds = grain.MapDataset.source(source)
+    if len(ds) < n_streams:
+        ds = ds.repeat(-(-n_streams // len(ds)))
+    ds = ds[stream::n_streams]
+    if train:
+        ds = ds.shuffle(seed=seed + 1009 * stream)
+    ds = ds.repeat(None).map(lambda ex: {k: np.asarray(ex[k]) for k in ("positions", "forces", "species", "mask")})
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=8)).batch(rows, drop_remainder=True)
+
+
+def pipeline(source, *, global_batch, seed, streams, n_streams, train=True):
+    if global_batch % n_streams:
+        raise ValueError(f"train.batch_size={global_batch} is not divisible by the {n_streams} data-parallel devices")
+    rows = global_batch // n_streams
+    parts = [_stream(source, s, n_streams, rows, seed, train) for s in streams]
+    return grain.experimental.ZipIterDataset(parents=parts).map(
+        lambda xs: {k: np.concatenate([x[k] for x in xs]) for k in xs[0]}
+    )
+
+
+def max_pairs(positions_FxNx3, mask_FxN, cutoff: float) -> int:
+    """The largest number of directed pairs within the cutoff in any frame (host, exact)."""
+    best = 0
+    for x, m in zip(positions_FxNx3, mask_FxN, strict=True):
+        x = x[m]
+        d = np.linalg.norm(x[:, None] - x[None], axis=-1)
+        best = max(best, int((d < cutoff).sum() - len(x)))
+    return best
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """Everything the energy needs besides the parameters (static under jit)."""
+
+    net: allegro.Allegro
+    topo: dict
+    nbr_fn: object
+    nbr_template: object  # a NeighborList of the fixed capacity
+    weights: dict
+    excluded: bool
+
+    def __hash__(self):
+        return id(self)
+
+
+def make_model(config, n_max: int, capacity: int, example_positions) -> Model:
+    mc = config.model
+    net = allegro.Allegro(
+        n_species=20, cutoff=mc.cutoff, n_basis=mc.n_basis, n_layers=mc.n_layers, latent=mc.latent,
+        channels=mc.channels, lmax=mc.lmax, embed=mc.embed, mlp_depth=mc.mlp_depth, avg_neighbors=mc.avg_neighbors,
+    )  # fmt: skip
+    fn = neighbors.neighbor_fn(mc.cutoff)
+    first = fn.allocate(jnp.asarray(example_positions))
+    template = fn.allocate(jnp.asarray(example_positions), extra_capacity=max(0, capacity - first.idx.shape[1]))
+    pc = config.priors
+    weights = {k: float(pc.weights[k]) for k in priors.TERMS}
+    return Model(net, priors.topology(n_max), fn, template, weights, bool(pc.excluded_volume))
+
+
+def frame_energy(model: Model, nn_params, prior_params, positions, species, mask, use_net=True):
+    """Total energy of one frame, its per-term parts, and the neighbour-list overflow flag."""
+    terms = priors.term_energies(prior_params, positions, mask, model.topo, model.weights, model.excluded)
+    overflow = jnp.zeros((), bool)
+    if use_net:
+        nbrs = model.nbr_fn.update(positions, model.nbr_template)
+        c, n, v = neighbors.edges(nbrs.idx, positions.shape[0])
+        v = v & mask[c] & mask[n]
+        terms["allegro"] = jnp.sum(model.net.apply({"params": nn_params}, positions, species, c, n, v) * mask)
+        overflow = nbrs.did_buffer_overflow
+    return sum(terms.values()), terms, overflow
+
+
+def frame_forces(model, nn_params, prior_params, positions, species, mask, use_net=True):
+    def e(x):
+        total, _, overflow = frame_energy(model, nn_params, prior_params, x, species, mask, use_net)
+        return total, overflow
+
+    (energy, overflow), grad = jax.value_and_grad(e, has_aux=True)(positions)
+    return energy, -grad, overflow
+
+
+def force_loss(model, prior_params, gamma_f: float):
+    """loss_fn(params, batch, rng) for the shared step: sums over real bead components."""
+
+    def loss_fn(params, batch, rng):
+        del rng
+        f = jax.vmap(lambda x, s, m: frame_forces(model, params, prior_params, x, s, m))
+        _, forces, overflow = f(batch["positions"], batch["species"], batch["mask"])
+        m = batch["mask"][..., None].astype(jnp.float32)
+        sq = jnp.sum(m * (forces - batch["forces"]) ** 2)
+        n = jnp.sum(m) * 3.0
+        prior_f = jax.vmap(lambda x, s, mk: frame_forces(model, params, prior_params, x, s, mk, use_net=False)[1])
+        prior_sq = jnp.sum(
+            m
+            * (jax.lax.stop_gradient(prior_f(batch["positions"], batch["species"], batch["mask"])) - batch["forces"])
+            ** 2
+        )
+        aux = {"weight": n, "loss": gamma_f * sq, "force_mse": sq, "prior_force_mse": prior_sq,
+               "nbr_overflow": jnp.sum(overflow) * n}  # fmt: skip
+        return gamma_f * sq, aux
+
+    return loss_fn
+
+
+def init_net(model: Model, seed: int, example):
+    c, n, v = neighbors.edges(model.nbr_template.idx, example["positions"].shape[0])
+    x = jnp.asarray(example["positions"])
+    return model.net.init(jax.random.key(seed), x, jnp.asarray(example["species"]), c, n, v)["params"]
+
+
+# ----------------------------------------------------------------------------- priors
+
+
+def fit_priors(config, workdir, train) -> dict:
+    path = pathlib.Path(workdir) / "priors.json"
+    if path.exists():
+        return priors.load(str(path))
+    pc = config.priors
+    temps = train["temperature"]
+    t = pc.temperature or int(temps.min())
+    sel = temps == t
+    if not sel.any():
+        raise ValueError(f"priors.temperature={t} K: no training frames at that temperature ({sorted(set(temps))})")
+    params, curves, samples = priors.fit(train["positions"][sel], train["mask"][sel], t, pc.n_angle, pc.n_dihedral,
+                                         pc.bins, pc.tail_quantile)  # fmt: skip
+    if jax.process_index() == 0:
+        priors.save(params, str(path))
+        priors.plot(params, curves, samples, t, str(pathlib.Path(workdir) / "priors.png"))
+    return params
+
+
+def lbfgs_priors(config, workdir, model: Model, params, train) -> dict:
+    """Refine the prior parameters alone on the force-matching loss with optax L-BFGS."""
+    path = pathlib.Path(workdir) / "priors_lbfgs.json"
+    if path.exists():
+        return priors.load(str(path))
+    lc = config.stages.lbfgs
+    idx = np.random.default_rng(config.train.seed).permutation(len(train["positions"]))[: lc.frames]
+    x, s, m, f_ref = (jnp.asarray(train[k][idx]) for k in ("positions", "species", "mask", "forces"))
+    mm = m[..., None].astype(jnp.float32)
+    p0 = priors.as_jax(params)
+
+    def loss(p):
+        f = jax.vmap(lambda a, b, c: frame_forces(model, None, p, a, b, c, use_net=False)[1])(x, s, m)
+        return jnp.sum(mm * (f - f_ref) ** 2) / (jnp.sum(mm) * 3)
+
+    opt = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(loss)
+
+    @jax.jit
+    def step(p, state):
+        value, grad = value_and_grad(p, state=state)
+        updates, state = opt.update(grad, state, p, value=value, grad=grad, value_fn=loss)
+        return optax.apply_updates(p, updates), state, value
+
+    p, state = p0, opt.init(p0)
+    start = float(loss(p0))
+    for _ in range(lc.iterations):
+        p, state, value = step(p, state)
+    end = float(loss(p))
+    if not np.isfinite(end) or end > start:  # keep the Boltzmann-inversion fit if L-BFGS did not help
+        log.warning("L-BFGS prior refinement gave force MSE %.4g vs %.4g before; keeping the fit", end, start)
+        p = p0
+    log.info("L-BFGS priors: force MSE %.4g -> %.4g on %d frames", start, min(start, end), len(idx))
+    out = jax.tree.map(lambda a: np.asarray(a).tolist(), p)
+    if jax.process_index() == 0:
+        priors.save(out, str(path))
+    return out
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def predict(model, nn_params, prior_params, split, batch=16, use_net=True):
+    """Forces [F, N, 3] and per-term forces of every frame (host loop over batches)."""
+
+    @jax.jit
+    def f(x, s, m):
+        def per_frame(a, b, c):
+            def terms(y):
+                return frame_energy(model, nn_params, prior_params, y, b, c, use_net)[1]
+
+            jac = jax.jacrev(terms)(a)
+            return {k: -v for k, v in jac.items()}
+
+        return jax.vmap(per_frame)(x, s, m)
+
+    out = []
+    n = len(split["positions"])
+    for i in range(0, n, batch):
+        sl = slice(i, min(i + batch, n))
+        pad = batch - (sl.stop - sl.start)
+        args = [
+            np.concatenate([split[k][sl], np.repeat(split[k][sl][-1:], pad, 0)])
+            for k in ("positions", "species", "mask")
+        ]
+        res = jax.device_get(f(*[jnp.asarray(a) for a in args]))
+        out.append({k: v[: sl.stop - sl.start] for k, v in res.items()})
+    terms = {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+    return sum(terms.values()), terms
+
+
+def error_stats(pred, ref, mask) -> dict:
+    e = (pred - ref)[mask]  # [beads, 3]
+    out = {"mse": float(np.mean(e**2)), "rmse": float(np.sqrt(np.mean(e**2))), "mae": float(np.mean(np.abs(e))),
+           "max": float(np.max(np.abs(e)))}  # fmt: skip
+    for k, axis in enumerate("xyz"):
+        out[f"rmse_{axis}"] = float(np.sqrt(np.mean(e[:, k] ** 2)))
+        out[f"mae_{axis}"] = float(np.mean(np.abs(e[:, k])))
+        out[f"max_{axis}"] = float(np.max(np.abs(e[:, k])))
+    return out
+
+
+def _noise_from_runs(runs) -> float:
+    """Irreducible force-matching MSE, estimated from consecutive frames of each run: their CG
+    coordinates barely differ (tens of fs apart) while the all-atom forces decorrelate, so
+    0.5 * mean |F_t - F_t+1|^2 per component estimates the variance of F around its mean force
+    (an upper estimate: the mean force itself changes a little between the frames)."""
+    diffs = []
+    for r in runs:
+        if len(r.forces) > 1:
+            diffs.append(((r.forces[1:] - r.forces[:-1]) ** 2).reshape(-1))
+    return 0.5 * float(np.mean(np.concatenate(diffs))) if diffs else float("nan")
+
+
+def evaluate(config, workdir, model, nn_params, prior_params, split, name="test") -> dict:
+    ref, mask = split["forces"], split["mask"]
+    total, terms = predict(model, nn_params, prior_params, split)
+    prior_total = sum(v for k, v in terms.items() if k != "allegro")
+    result = {
+        "frames": int(len(ref)),
+        "model": error_stats(total, ref, mask),
+        "priors_only": error_stats(prior_total, ref, mask),
+        "reference_mean_force_norm": float(np.linalg.norm(ref[mask], axis=-1).mean()),
+        "reference_force_mse_about_zero": float(np.mean(ref[mask] ** 2)),
+        "terms_rms_force": {k: float(np.sqrt(np.mean(v[mask] ** 2))) for k, v in terms.items()},
+    }
+    result["mse_ratio_model_over_priors"] = result["model"]["mse"] / result["priors_only"]["mse"]
+    if jax.process_index() == 0:
+        _plots(workdir, name, total, prior_total, ref, mask)
+    return result
+
+
+def _plots(workdir, name, pred, prior_pred, ref, mask):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p, q, r = pred[mask], prior_pred[mask], ref[mask]
+    fig, axes = plt.subplots(1, 5, figsize=(22, 4))
+    lim = float(np.abs(r).max()) * 1.05
+    for k, axis in enumerate("xyz"):
+        ax = axes[k]
+        ax.plot(r[:, k], q[:, k], ".", ms=2, alpha=0.3, color="0.6", label="priors")
+        ax.plot(r[:, k], p[:, k], ".", ms=2, alpha=0.4, label="priors + Allegro")
+        ax.plot([-lim, lim], [-lim, lim], "k-", lw=0.8)
+        ax.set(
+            title=f"F_{axis}", xlabel="reference (kcal/mol/Å)", ylabel="predicted", xlim=(-lim, lim), ylim=(-lim, lim)
+        )
+        ax.legend(fontsize=7, markerscale=4)
+    ax = axes[3]
+    ax.plot(np.linalg.norm(r, axis=-1), np.linalg.norm(p, axis=-1), ".", ms=2, alpha=0.4)
+    m = float(np.linalg.norm(r, axis=-1).max())
+    ax.plot([0, m], [0, m], "k-", lw=0.8)
+    ax.set(title="|F|", xlabel="reference", ylabel="predicted")
+    ax = axes[4]
+    ax.hist((p - r).reshape(-1), bins=100, alpha=0.6, label="priors + Allegro")
+    ax.hist((q - r).reshape(-1), bins=100, alpha=0.4, label="priors")
+    ax.set(title="force error per component", xlabel="kcal/mol/Å")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(pathlib.Path(workdir) / f"forces_{name}.png", dpi=100)
+    plt.close(fig)
+
+
+def plot_loss(workdir, stage_dirs):
+    """Training and validation force MSE over all stages, with the stage boundaries."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    offset = 0
+    for name, d in stage_dirs:
+        rows = [
+            json.loads(line) for line in (pathlib.Path(d) / "metrics.jsonl").read_text().splitlines() if line.strip()
+        ]
+        tr = [(r["step"] + offset, r["train/force_mse"]) for r in rows if "train/force_mse" in r]
+        ev = [(r["step"] + offset, r["eval/force_mse"]) for r in rows if "eval/force_mse" in r]
+        if tr:
+            ax.plot(*zip(*tr, strict=True), lw=0.8, label=f"{name} train")
+        if ev:
+            ax.plot(*zip(*ev, strict=True), "o-", ms=3, label=f"{name} validation")
+        offset += max([r["step"] for r in rows], default=0)
+        ax.axvline(offset, color="k", lw=0.5, ls="--")
+    ax.set(xlabel="step", ylabel="force MSE (kcal/mol/Å)²", yscale="log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(pathlib.Path(workdir) / "loss.png", dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _stage_config(config, stage, steps_per_epoch: int, seed: int):
+    """The shared loop's view of a stage: its optimiser, steps, and evaluation and checkpoint
+    cadence in epochs."""
+    c = copy.deepcopy(config)
+    with c.unlocked():
+        c.optim = stage.optim
+        c.train.steps = stage.epochs * steps_per_epoch
+        c.train.eval_every = stage.eval_every_epochs * steps_per_epoch
+        c.train.seed = seed
+        c.ckpt.every_steps = stage.ckpt_every_epochs * steps_per_epoch
+    return c
+
+
+def train_and_evaluate(config, workdir: str):
+    if config.loss.gamma_u:
+        raise ValueError("config.loss.gamma_u must be 0: mdCATH files store no reference energies")
+    mesh = make_mesh(config.mesh.num_devices)
+    builder = build_data(config)
+    src = builder.as_data_source()
+    splits = {s: load_split(src[s]) for s in data.SPLITS}
+    n_max = splits["train"]["positions"].shape[1]
+    all_pos = np.concatenate([splits[s]["positions"] for s in data.SPLITS])
+    all_mask = np.concatenate([splits[s]["mask"] for s in data.SPLITS])
+    capacity = int(max_pairs(all_pos, all_mask, config.model.cutoff) * config.model.capacity_multiplier) + 8
+    model = make_model(config, n_max, capacity, splits["train"]["positions"][0])
+    prior_params = fit_priors(config, workdir, splits["train"])
+    if config.stages.lbfgs.enabled:
+        prior_params = lbfgs_priors(config, workdir, model, prior_params, splits["train"])
+    prior_j = priors.as_jax(prior_params)
+
+    n_streams, streams = mesh.shape["data"], loop.local_streams(mesh)
+    tc = config.train
+    spe = max(1, len(splits["train"]["positions"]) // tc.batch_size)
+    val = splits["validation"]
+    loss_fn = force_loss(model, prior_j, config.loss.gamma_f)
+    eval_step = None
+
+    def eval_fn_for(stage_name):
+        def eval_fn(params, step):
+            nonlocal eval_step
+            from molgen.core.step import global_batch, make_eval_step
+
+            eval_step = eval_step or make_eval_step(loss_fn, mesh)
+            it = iter(pipeline(src["validation"], global_batch=tc.batch_size, seed=0, streams=streams,
+                               n_streams=n_streams, train=False))  # fmt: skip
+            n_batches = max(1, -(-len(val["positions"]) // tc.batch_size))
+            ms = [
+                jax.device_get(eval_step(params, global_batch(next(it), mesh), jax.random.key(0)))
+                for _ in range(n_batches)
+            ]
+            out = {k: float(np.mean([m[k] for m in ms])) for k in ("force_mse", "prior_force_mse", "nbr_overflow")}
+            if out["nbr_overflow"] > 0:
+                raise neighbors.Overflow(f"neighbour list overflowed on validation frames in {stage_name}")
+            return out
+
+        return eval_fn
+
+    results = []
+    for k in range(config.ensemble.seeds):
+        seed = tc.seed + k
+        seed_dir = os.path.join(workdir, f"seed_{k}")
+        params = init_net(
+            model, seed, {"positions": splits["train"]["positions"][0], "species": splits["train"]["species"][0]}
+        )
+        stage_dirs = []
+        for name in ("stage1", "stage2"):
+            stage = config.stages[name]
+            if not stage.enabled:
+                continue
+            c = _stage_config(config, stage, spe, seed)
+            stage_dir = os.path.join(seed_dir, name)
+            os.makedirs(stage_dir, exist_ok=True)
+            it = pipeline(src["train"], global_batch=tc.batch_size, seed=seed, streams=streams, n_streams=n_streams)
+            log.info(
+                "seed %d %s: %d epochs x %d steps, %s lr %g",
+                k,
+                name,
+                stage.epochs,
+                spe,
+                stage.optim.name,
+                stage.optim.lr,
+            )
+            meta = {"stage": name, "seed": k, "steps_per_epoch": spe}
+            state, _ = loop.fit(c, stage_dir, mesh=mesh, params=params, loss_fn=loss_fn, train_data=it,
+                                eval_fn=eval_fn_for(name), items_per_step=lambda m: tc.batch_size, item_name="frames",
+                                meta=meta, check=_no_overflow)  # fmt: skip
+            params = jax.device_get(state.params)
+            stage_dirs.append((name, stage_dir))
+        val_res = evaluate(config, seed_dir, model, params, prior_j, val, "validation")
+        results.append({"seed": k, "validation_force_mse": val_res["model"]["mse"], "params": params, "dir": seed_dir,
+                        "stage_dirs": stage_dirs})  # fmt: skip
+        log.info(
+            "seed %d: validation force MSE %.4g (priors alone %.4g)",
+            k,
+            val_res["model"]["mse"],
+            val_res["priors_only"]["mse"],
+        )
+
+    best = min(results, key=lambda r: r["validation_force_mse"])
+    mses = [r["validation_force_mse"] for r in results]
+    ens = {"seeds": [{"seed": r["seed"], "validation_force_mse": r["validation_force_mse"]} for r in results],
+           "best_seed": best["seed"], "mean": float(np.mean(mses)), "std": float(np.std(mses)),
+           "min": float(np.min(mses)), "max": float(np.max(mses))}  # fmt: skip
+    loop.write_json(workdir, "ensemble.json", ens)
+    test = evaluate(config, workdir, model, best["params"], prior_j, splits["test"], "test")
+    test["noise_floor_mse"] = _noise_from_runs(_runs_for_noise(config))
+    test["best_seed"] = best["seed"]
+    loop.write_json(workdir, "evaluation.json", test)
+    if jax.process_index() == 0 and best["stage_dirs"]:
+        plot_loss(workdir, best["stage_dirs"])
+    log.info(
+        "test force MSE: model %.4g, priors alone %.4g (ratio %.3f), noise floor %.4g (kcal/mol/Å)^2",
+        test["model"]["mse"], test["priors_only"]["mse"], test["mse_ratio_model_over_priors"], test["noise_floor_mse"],
+    )  # fmt: skip
+    return test
+
+
+def _no_overflow(step, metrics):
+    if metrics.get("nbr_overflow", 0) > 0:
+        raise neighbors.Overflow(
+            f"neighbour list overflowed at step {step}: raise model.capacity_multiplier (no pair was used silently)"
+        )
+
+
+def _runs_for_noise(config):
+    from molgen.cg import mdcath
+
+    return [r for f in data.source_files(config.data.source) for r in mdcath.read_cg(f, on_nan="skip")]

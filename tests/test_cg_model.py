@@ -1,0 +1,134 @@
+"""Allegro + priors: equivariance (e3nn helper), forces = -grad E, NaN safety, neighbour overflow."""
+
+import e3nn_jax as e3nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from molgen.cg import allegro, data, neighbors, priors
+
+PRIORS = {
+    "bond": {"kr": 60.0, "r0": 3.8},
+    "angle": {"a": [0.5, -0.3], "b": [0.2, 0.1]},
+    "dihedral": {"k": [0.4, 0.2], "gamma": [0.3, -1.0]},
+    "repulsive": {"sigma": 4.5, "eps": 0.6},
+    "excluded": {"sigma": [4.5, 4.8, 5.0, 5.2], "eps": 0.6},
+}
+NET = allegro.Allegro(n_layers=2, latent=16, channels=4, embed=4, n_basis=8, cutoff=10.0)
+
+
+def _frame(n=12, n_max=16, seed=0):
+    rng = np.random.default_rng(seed)
+    steps = rng.normal(size=(n - 1, 3))
+    x = np.concatenate([np.zeros((1, 3)), np.cumsum(3.8 * steps / np.linalg.norm(steps, axis=-1, keepdims=True), 0)])
+    ex = data.pad_frame(
+        rng.integers(0, 20, n).astype(np.int32), x.astype(np.float32), np.zeros((n, 3), np.float32), n_max
+    )
+    return jnp.asarray(ex["positions"]), jnp.asarray(ex["species"]), jnp.asarray(ex["mask"])
+
+
+def _energy_fn(params, spc, mask, n_max, dtype=jnp.float32):
+    """Total energy of positions, with the neighbour list rebuilt from them (all pairs here)."""
+    topo = priors.topology(n_max)
+    p = priors.as_jax(PRIORS, dtype)
+    pairs = np.stack(np.nonzero(~np.eye(n_max, dtype=bool)))  # all directed pairs; the cutoff is inside Allegro
+
+    def energy(x):
+        c, n, v = jnp.asarray(pairs[0]), jnp.asarray(pairs[1]), mask[pairs[0]] & mask[pairs[1]]
+        e_net = jnp.sum(NET.apply(params, x, spc, c, n, v) * mask)
+        return e_net + priors.energy(p, x, mask, topo)
+
+    return energy
+
+
+def _params(x, spc):
+    return NET.init(jax.random.key(0), x, spc, *neighbors.edges(jnp.zeros((2, 1), jnp.int32) + 16, 16))
+
+
+def test_allegro_is_e3_equivariant_with_the_e3nn_helper():
+    """Per-bead energies invariant, forces equivariant under rotations and inversion (the
+    helper draws R = -rotation)."""
+    x, spc, mask = _frame()
+    params = _params(x, spc)
+    pairs = np.stack(np.nonzero(~np.eye(16, dtype=bool)))
+    c, n = jnp.asarray(pairs[0]), jnp.asarray(pairs[1])
+    v = mask[c] & mask[n]
+
+    def fn(pos: e3nn.IrrepsArray):
+        e_bead = lambda y: NET.apply(params, y, spc, c, n, v) * mask  # noqa: E731
+        e, g = e_bead(pos.array), jax.grad(lambda y: e_bead(y).sum())(pos.array)
+        return e3nn.concatenate([e3nn.IrrepsArray("0e", e[:, None]), e3nn.IrrepsArray("1o", -g)], axis=-1)
+
+    e3nn.utils.assert_equivariant(fn, jax.random.key(1), e3nn.IrrepsArray("1o", x), atol=5e-4, rtol=5e-4)
+
+
+def test_total_energy_se3_invariant_forces_rotate():
+    """With the priors (the dihedral term is chiral, so proper rotations only) and translations."""
+    x, spc, mask = _frame()
+    energy = _energy_fn(_params(x, spc), spc, mask, 16)
+    r = np.asarray(e3nn.rand_matrix(jax.random.key(3), ()))
+    r = jnp.asarray(r * np.sign(np.linalg.det(r)), jnp.float32)
+    y = x @ r.T + jnp.array([3.0, -1.0, 2.0])
+    np.testing.assert_allclose(energy(y), energy(x), rtol=1e-4, atol=1e-3)
+    f_x, f_y = -jax.grad(energy)(x), -jax.grad(energy)(y)
+    np.testing.assert_allclose(f_y[:12], f_x[:12] @ r.T, atol=2e-3 * float(jnp.abs(f_x).max()))
+
+
+def test_forces_are_minus_grad_against_finite_differences():
+    with jax.enable_x64(True):
+        x, spc, mask = _frame()
+        x = x.astype(jnp.float64)
+        params = NET.init(jax.random.key(0), x, spc, *neighbors.edges(jnp.zeros((2, 1), jnp.int32) + 16, 16))
+        params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+        energy = _energy_fn(params, spc, mask, 16, jnp.float64)
+        f = -jax.grad(energy)(x)
+        rng, h = np.random.default_rng(2), 1e-5
+        for _ in range(8):
+            i, k = rng.integers(0, 12), rng.integers(0, 3)
+            fd = -(energy(x.at[i, k].add(h)) - energy(x.at[i, k].add(-h))) / (2 * h)
+            np.testing.assert_allclose(f[i, k], fd, rtol=1e-6, atol=1e-7)
+
+
+def test_no_nan_with_coincident_padded_beads_and_zero_length_bond():
+    x, spc, mask = _frame()
+    x = x.at[15].set(x[14]).at[5].set(x[4])  # padded pair on top of each other; a zero-length bond
+    params = _params(x, spc)
+    energy = _energy_fn(params, spc, mask, 16)
+    with jax.debug_nans(True):
+        e, f = jax.value_and_grad(energy)(x)
+        gp = jax.grad(lambda p: _energy_fn(p, spc, mask, 16)(x))(params)
+    assert np.isfinite(e) and np.all(np.isfinite(f)) and np.all(f[12:] == 0)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(gp))
+
+
+def test_neighbour_list_overflow_reallocates_never_drops():
+    x, _, _ = _frame(n=40, n_max=40)
+    fn = neighbors.neighbor_fn(6.0)
+    nbrs = neighbors.batch(fn, x[None])
+    n_pairs = int((nbrs.idx[0, 0] < 40).sum())
+    squeezed = x * 0.3  # denser: more pairs than the capacity holds
+    assert neighbors.overflowed(neighbors.update(fn, squeezed[None], nbrs))
+    grown = neighbors.batch(fn, squeezed[None], nbrs)
+    d = np.linalg.norm(squeezed[:, None] - squeezed[None], axis=-1)
+    assert int((grown.idx[0, 0] < 40).sum()) == int((d < 6.0).sum() - 40) > n_pairs
+    assert not neighbors.overflowed(grown)
+
+
+def test_parked_beads_never_enter_the_neighbour_list():
+    x, _, mask = _frame()
+    nbrs = neighbors.batch(neighbors.neighbor_fn(12.0), x[None])
+    idx = np.asarray(nbrs.idx[0])
+    real = idx[:, idx[0] < 16]
+    assert np.all(np.asarray(mask)[real[0]]) and np.all(np.asarray(mask)[real[1]])
+
+
+@pytest.mark.parametrize("periodic", [True])
+def test_periodic_neighbour_list(periodic):
+    box = 30.0
+    x = jnp.asarray(np.random.default_rng(0).uniform(0, box, size=(40, 3)), jnp.float32)
+    nbrs = neighbors.batch(neighbors.neighbor_fn(6.0, box=box), x[None])
+    d = x[:, None] - x[None]
+    d = d - box * jnp.round(d / box)
+    expected = int((jnp.linalg.norm(d, axis=-1) < 6.0).sum() - 40)
+    assert int((nbrs.idx[0, 0] < 40).sum()) == expected
