@@ -1,0 +1,87 @@
+"""The CG family through the real CLI: a tiny run's outputs, and SIGKILL mid-stage + resume."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from molgen.cg import simulate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+KILL_ARGS = ["--config.stages.stage1.epochs=4"]
+
+
+def _env():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """48 real frames: villin at 320 K, two replicas, as experiments/cg_tiny.py simulates them."""
+    d = tmp_path_factory.mktemp("cg_src")
+    simulate.produce(str(d / "mdcath_dataset_villin.h5"), temperatures=(320,), replicas=2, frames=24,
+                     steps_per_frame=5, equilibration_steps=20)  # fmt: skip
+    return d
+
+
+def _cmd(workdir, source, data_dir, *extra):
+    return [sys.executable, "-m", "molgen.main", "--config=experiments/cg_tiny.py", f"--workdir={workdir}",
+            f"--config.data.source={source}", f"--config.data.data_dir={data_dir}", *extra]  # fmt: skip
+
+
+def run(workdir, source, data_dir, *extra):
+    res = subprocess.run(_cmd(workdir, source, data_dir, *extra), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=900)  # fmt: skip
+    if res.returncode:
+        raise AssertionError(res.stderr[-4000:])
+    return res
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, source):
+    wd = tmp_path_factory.mktemp("cg_ref")
+    run(wd, source, wd / "tfds", *KILL_ARGS)
+    return wd
+
+
+def test_tiny_run_writes_everything(reference):
+    for name in ("config.json", "log.txt", "priors.json", "priors.png", "priors_lbfgs.json", "ensemble.json",
+                 "evaluation.json", "forces_test.png", "loss.png", "seed_0/forces_validation.png"):  # fmt: skip
+        assert (reference / name).exists(), name
+    ev = json.loads((reference / "evaluation.json").read_text())
+    for key in ("mse", "rmse", "mae", "max", "rmse_x", "mae_y", "max_z"):
+        assert key in ev["model"] and key in ev["priors_only"]
+    assert set(ev["terms_rms_force"]) == {"bond", "angle", "dihedral", "repulsive", "excluded", "allegro"}
+    assert ev["noise_floor_mse"] > 0 and ev["frames"] > 0
+    stage1 = reference / "seed_0" / "stage1"
+    assert (stage1 / "metrics.jsonl").exists() and any((stage1 / "tensorboard").iterdir())
+    meta = json.loads((stage1 / "checkpoints" / "7" / "meta" / "metadata").read_text())
+    assert meta["stage"] == "stage1" and meta["epoch"] == 1 and meta["steps_per_epoch"] == 7
+
+
+def test_killed_mid_stage_resumes_in_stage_and_epoch(reference, source, tmp_path):
+    wd = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(wd, source, reference / "tfds", *KILL_ARGS), cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    ck = wd / "seed_0" / "stage1" / "checkpoints"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (ck / "14" / "commit_success.txt").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(int(p.name) for p in ck.iterdir() if p.name.isdigit())
+    assert done and done[-1] < 28, f"the run was not killed mid-stage: {done}"
+    res = run(wd, source, reference / "tfds", *KILL_ARGS)
+    assert "resumed from" in res.stderr and "'stage': 'stage1'" in res.stderr
+    a = json.loads((reference / "ensemble.json").read_text())["seeds"][0]["validation_force_mse"]
+    b = json.loads((wd / "ensemble.json").read_text())["seeds"][0]["validation_force_mse"]
+    assert b == pytest.approx(a, rel=1e-5)
