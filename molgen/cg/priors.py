@@ -36,19 +36,27 @@ EXCLUDED_SEPS = (2, 3, 4, 5)
 MIN_REPULSIVE_SEP = 6
 
 
-def topology(n_max: int) -> dict:
-    """Index tuples of every term for a chain of n_max beads (numpy; static under jit)."""
-    i = np.arange(n_max)
-    pairs = np.stack(np.triu_indices(n_max, 1), axis=-1)
-    sep = pairs[:, 1] - pairs[:, 0]
-    return {
-        "bond": np.stack([i[:-1], i[1:]], -1),
-        "angle": np.stack([i[:-2], i[1:-1], i[2:]], -1),
-        "dihedral": np.stack([i[:-3], i[1:-2], i[2:-1], i[3:]], -1),
-        "repulsive": pairs[sep >= MIN_REPULSIVE_SEP],
-        "excluded": pairs[(sep >= 2) & (sep <= 5)],
-        "excluded_sep": sep[(sep >= 2) & (sep <= 5)],
-    }
+def topology(n_max: int, chains=None) -> dict:
+    """Index tuples of every term (numpy; static under jit). `chains`: lengths of consecutive
+    chains (default one chain of n_max beads); terms never cross a chain boundary."""
+    chains = [n_max] if chains is None else list(chains)
+    if sum(chains) > n_max:
+        raise ValueError(f"chains {chains} hold more than n_max={n_max} beads")
+    out = {k: [] for k in ("bond", "angle", "dihedral", "repulsive", "excluded", "excluded_sep")}
+    start = 0
+    for n in chains:
+        i = np.arange(start, start + n)
+        pairs = np.stack(np.triu_indices(n, 1), axis=-1) + start
+        sep = pairs[:, 1] - pairs[:, 0]
+        out["bond"].append(np.stack([i[:-1], i[1:]], -1))
+        out["angle"].append(np.stack([i[:-2], i[1:-1], i[2:]], -1))
+        out["dihedral"].append(np.stack([i[:-3], i[1:-2], i[2:-1], i[3:]], -1))
+        out["repulsive"].append(pairs[sep >= MIN_REPULSIVE_SEP])
+        out["excluded"].append(pairs[(sep >= 2) & (sep <= 5)])
+        out["excluded_sep"].append(sep[(sep >= 2) & (sep <= 5)])
+        start += n
+    width = {"bond": 2, "angle": 3, "dihedral": 4, "repulsive": 2, "excluded": 2}
+    return {k: np.concatenate(v).reshape(-1, width[k]) if k in width else np.concatenate(v) for k, v in out.items()}
 
 
 def _valid(mask, idx):
