@@ -10,7 +10,7 @@ from molgen import main
 EXPERIMENTS = sorted(
     p.stem for p in (pathlib.Path(__file__).parents[1] / "experiments").glob("*.py") if p.stem != "__init__"
 )
-VARIANTS = {"lm_pretrain_moses": ["cpu", "cpu_long", "gpu_06b"]}
+VARIANTS = {"lm_pretrain_moses": ["cpu", "cpu_long", "gpu_06b"], "cg_villin": ["quick", "full"]}
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -20,7 +20,11 @@ def test_experiment_loads_and_documents_its_command(name):
     for variant in VARIANTS.get(name, [None]):
         cfg = mod.get_config(variant) if variant else mod.get_config()
         assert cfg.family in main.FAMILIES
-        assert cfg.train.batch_size > 0 and cfg.data.positions in ("sequential", "aligned")
+        assert cfg.train.batch_size > 0
+        if cfg.family == "lm":
+            assert cfg.data.positions in ("sequential", "aligned")
+        if cfg.family == "cg":
+            assert cfg.loss.gamma_u == 0 and cfg.stages.stage1.optim.name == "adabelief"
 
 
 def test_unknown_variant_is_named():

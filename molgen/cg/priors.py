@@ -122,10 +122,18 @@ def _pmf(values, bins, kT, jacobian=None):
     return centres, u, ok, hist
 
 
-def _lsq(design, u, w):
-    sw = np.sqrt(w)
-    coef, *_ = np.linalg.lstsq(design * sw[:, None], u * sw, rcond=None)
-    return coef
+def _lsq(design, u, w, ridge: float = 0.0):
+    """Weighted least squares; `ridge` > 0 adds ridge * mean(diag) to the normal equations, which
+    keeps Fourier fits over a narrow sampled range from trading huge cancelling coefficients
+    (those lose all precision in float32). The constant column (last) is not penalised."""
+    sw = np.sqrt(w / w.sum())
+    a, b = design * sw[:, None], u * sw
+    if not ridge:
+        return np.linalg.lstsq(a, b, rcond=None)[0]
+    ata = a.T @ a
+    pen = ridge * np.mean(np.diag(ata)) * np.eye(len(ata))
+    pen[-1, -1] = 0.0
+    return np.linalg.solve(ata + pen, a.T @ b)
 
 
 def fit_harmonic(r, kT: float, bins: int = 100):
@@ -160,7 +168,7 @@ def _geometry_samples(positions_FxNx3, mask_FxN, topo):
 
 
 def fit(positions_FxNx3, mask_FxN, temperature: float, n_angle: int = 6, n_dihedral: int = 4, bins: int = 100,
-        tail_quantile: float = 0.005):  # fmt: skip
+        tail_quantile: float = 0.005, ridge: float = 1e-3):  # fmt: skip
     """Fitted parameters (numpy) and the histograms behind them (for plots)."""
     n_max = positions_FxNx3.shape[1]
     topo = topology(n_max)
@@ -176,14 +184,14 @@ def fit(positions_FxNx3, mask_FxN, temperature: float, n_angle: int = 6, n_dihed
     c, u, ok, h = _pmf(theta, np.linspace(0, np.pi, bins + 1), kT, np.sin)
     n = np.arange(1, n_angle + 1)
     design = np.concatenate([np.cos(n * c[ok, None]), np.sin(n * c[ok, None]), np.ones((ok.sum(), 1))], -1)
-    coef = _lsq(design, u[ok], h[ok])
+    coef = _lsq(design, u[ok], h[ok], ridge)
     angle = {"a": coef[:n_angle].tolist(), "b": coef[n_angle : 2 * n_angle].tolist()}
     curves["angle"] = (c[ok], u[ok] - u[ok].min())
 
     c, u, ok, h = _pmf(phi, np.linspace(-np.pi, np.pi, bins + 1), kT)
     n = np.arange(1, n_dihedral + 1)
     design = np.concatenate([np.cos(n * c[ok, None]), np.sin(n * c[ok, None]), np.ones((ok.sum(), 1))], -1)
-    coef = _lsq(design, u[ok], h[ok])
+    coef = _lsq(design, u[ok], h[ok], ridge)
     a, b = coef[:n_dihedral], coef[n_dihedral : 2 * n_dihedral]  # k cos(n phi - g) = k cos g cos + k sin g sin
     dihedral = {"k": np.hypot(a, b).tolist(), "gamma": np.arctan2(b, a).tolist()}
     curves["dihedral"] = (c[ok], u[ok] - u[ok].min())

@@ -192,7 +192,7 @@ def fit_priors(config, workdir, train) -> dict:
     if not sel.any():
         raise ValueError(f"priors.temperature={t} K: no training frames at that temperature ({sorted(set(temps))})")
     params, curves, samples = priors.fit(train["positions"][sel], train["mask"][sel], t, pc.n_angle, pc.n_dihedral,
-                                         pc.bins, pc.tail_quantile)  # fmt: skip
+                                         pc.bins, pc.tail_quantile, pc.ridge)  # fmt: skip
     if jax.process_index() == 0:
         priors.save(params, str(path))
         priors.plot(params, curves, samples, t, str(pathlib.Path(workdir) / "priors.png"))
@@ -279,18 +279,6 @@ def error_stats(pred, ref, mask) -> dict:
         out[f"mae_{axis}"] = float(np.mean(np.abs(e[:, k])))
         out[f"max_{axis}"] = float(np.max(np.abs(e[:, k])))
     return out
-
-
-def _noise_from_runs(runs) -> float:
-    """Irreducible force-matching MSE, estimated from consecutive frames of each run: their CG
-    coordinates barely differ (tens of fs apart) while the all-atom forces decorrelate, so
-    0.5 * mean |F_t - F_t+1|^2 per component estimates the variance of F around its mean force
-    (an upper estimate: the mean force itself changes a little between the frames)."""
-    diffs = []
-    for r in runs:
-        if len(r.forces) > 1:
-            diffs.append(((r.forces[1:] - r.forces[:-1]) ** 2).reshape(-1))
-    return 0.5 * float(np.mean(np.concatenate(diffs))) if diffs else float("nan")
 
 
 def evaluate(config, workdir, model, nn_params, prior_params, split, name="test") -> dict:
@@ -480,14 +468,13 @@ def train_and_evaluate(config, workdir: str):
            "min": float(np.min(mses)), "max": float(np.max(mses))}  # fmt: skip
     loop.write_json(workdir, "ensemble.json", ens)
     test = evaluate(config, workdir, model, best["params"], prior_j, splits["test"], "test")
-    test["noise_floor_mse"] = _noise_from_runs(_runs_for_noise(config))
     test["best_seed"] = best["seed"]
     loop.write_json(workdir, "evaluation.json", test)
     if jax.process_index() == 0 and best["stage_dirs"]:
         plot_loss(workdir, best["stage_dirs"])
     log.info(
-        "test force MSE: model %.4g, priors alone %.4g (ratio %.3f), noise floor %.4g (kcal/mol/Å)^2",
-        test["model"]["mse"], test["priors_only"]["mse"], test["mse_ratio_model_over_priors"], test["noise_floor_mse"],
+        "test force MSE: model %.4g, priors alone %.4g (ratio %.3f) (kcal/mol/Å)^2",
+        test["model"]["mse"], test["priors_only"]["mse"], test["mse_ratio_model_over_priors"],
     )  # fmt: skip
     return test
 
@@ -497,9 +484,3 @@ def _no_overflow(step, metrics):
         raise neighbors.Overflow(
             f"neighbour list overflowed at step {step}: raise model.capacity_multiplier (no pair was used silently)"
         )
-
-
-def _runs_for_noise(config):
-    from molgen.cg import mdcath
-
-    return [r for f in data.source_files(config.data.source) for r in mdcath.read_cg(f, on_nan="skip")]
