@@ -21,4 +21,5 @@ def get_config():
     cfg.stages.stage1.epochs = 2
     cfg.stages.stage2.epochs = 1
     cfg.train.update(dict(batch_size=4, log_every=2))
+    cfg.eval.noise_floor.update(dict(configs_per_temperature=1, samples=3, equilibration_steps=10, steps_per_sample=2))
     return cfg

@@ -91,6 +91,18 @@ def get_config(variant: str = "quick"):
         )
     )
     cfg.ensemble = ml_collections.ConfigDict(dict(seeds=1 if quick else 3))
+    cfg.eval = ml_collections.ConfigDict(
+        dict(
+            noise_floor=dict(  # fixed-CA MD at test frames: the error no CG model can remove
+                enabled=True,
+                configs_per_temperature=2 if quick else 5,
+                samples=40 if quick else 100,
+                steps_per_sample=10,
+                equilibration_steps=200,
+                seed=0,
+            )
+        )
+    )
     cfg.train = common.train(batch_size=16, log_every=20, seed=0)
     cfg.ckpt = common.ckpt(best_metric="eval/force_mse", keep=2)
     return cfg

@@ -54,14 +54,17 @@ def reference(tmp_path_factory, source):
 
 
 def test_tiny_run_writes_everything(reference):
-    for name in ("config.json", "log.txt", "priors.json", "priors.png", "priors_lbfgs.json", "ensemble.json",
-                 "evaluation.json", "forces_test.png", "loss.png", "seed_0/forces_validation.png"):  # fmt: skip
+    names = ["config.json", "log.txt", "priors.json", "priors.png", "priors_lbfgs.json", "ensemble.json"]
+    names += ["evaluation.json", "noise_floor.json", "forces_test.png", "loss.png", "seed_0/forces_validation.png"]
+    for name in names:
         assert (reference / name).exists(), name
     ev = json.loads((reference / "evaluation.json").read_text())
     for key in ("mse", "rmse", "mae", "max", "rmse_x", "mae_y", "max_z"):
         assert key in ev["model"] and key in ev["priors_only"]
     assert set(ev["terms_rms_force"]) == {"bond", "angle", "dihedral", "repulsive", "excluded", "allegro"}
     assert ev["frames"] > 0 and ev["model"]["mse"] > 0
+    nf = json.loads((reference / "noise_floor.json").read_text())  # fixed-CA MD at a test frame
+    assert ev["noise_floor_mse"] == pytest.approx(nf["noise_mse"]) and nf["noise_mse"] > 0
     stage1 = reference / "seed_0" / "stage1"
     assert (stage1 / "metrics.jsonl").exists() and any((stage1 / "tensorboard").iterdir())
     meta = json.loads((stage1 / "checkpoints" / "7" / "meta" / "metadata").read_text())

@@ -31,9 +31,10 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from molgen.cg import allegro, data, neighbors, priors, simulate
+from molgen.cg import allegro, data, mdcath, neighbors, priors, simulate
 from molgen.core import loop
 from molgen.core.distributed import make_mesh
+from molgen.core.records import as_str
 
 log = logging.getLogger("molgen")
 
@@ -59,9 +60,40 @@ def build_data(config):
 
 def load_split(source) -> dict:
     """All frames of a split as numpy arrays (CG datasets are small)."""
-    keys = ("positions", "forces", "species", "mask", "temperature")
+    keys = ("positions", "forces", "species", "mask", "temperature", "replica", "frame")
     rows = [source[i] for i in range(len(source))]
-    return {k: np.stack([np.asarray(r[k]) for r in rows]) for k in keys}
+    out = {k: np.stack([np.asarray(r[k]) for r in rows]) for k in keys}
+    out["domain"] = np.asarray([as_str(r["domain"]) for r in rows])
+    return out
+
+
+def noise_floor(config, workdir, split) -> dict:
+    """E[Var(F | CA positions)] over the split's temperatures (fixed-CA MD, see
+    simulate.conditional_force_noise), weighted by the split's frames per (domain, temperature);
+    cached in noise_floor.json."""
+    path = pathlib.Path(workdir) / "noise_floor.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    nc = config.eval.noise_floor
+    files = {d: f for f in data.source_files(config.data.source) for d in mdcath.domains(f)}
+    rng = np.random.default_rng(nc.seed)
+    parts, total = [], 0.0
+    groups = sorted({(d, int(t)) for d, t in zip(split["domain"], split["temperature"], strict=True)})
+    for dom, temp in groups:
+        idx = np.flatnonzero((split["domain"] == dom) & (split["temperature"] == temp))
+        pick = rng.choice(idx, size=min(nc.configs_per_temperature, len(idx)), replace=False)
+        frames = [(int(split["replica"][i]), int(split["frame"][i])) for i in pick]
+        res = simulate.conditional_force_noise(files[dom], dom, temp, frames, nc.samples, nc.steps_per_sample,
+                                               nc.equilibration_steps, seed=nc.seed)  # fmt: skip
+        res.update(domain=dom, weight=len(idx) / len(split["domain"]))
+        parts.append(res)
+        total += res["weight"] * res["noise_mse"]
+        log.info(
+            "noise floor %s %d K: %.4g (kcal/mol/Å)^2 from %d configurations", dom, temp, res["noise_mse"], len(frames)
+        )
+    out = {"noise_mse": total, "groups": parts}
+    loop.write_json(workdir, "noise_floor.json", out)
+    return out
 
 
 def _stream(source, stream, n_streams, rows, seed, train):
@@ -469,12 +501,20 @@ def train_and_evaluate(config, workdir: str):
     loop.write_json(workdir, "ensemble.json", ens)
     test = evaluate(config, workdir, model, best["params"], prior_j, splits["test"], "test")
     test["best_seed"] = best["seed"]
+    if config.eval.noise_floor.enabled and jax.process_index() == 0:
+        nf = noise_floor(config, workdir, splits["test"])["noise_mse"]
+        test["noise_floor_mse"] = nf
+        test["excess_mse_over_noise"] = {
+            "model": test["model"]["mse"] - nf,
+            "priors_only": test["priors_only"]["mse"] - nf,
+        }
     loop.write_json(workdir, "evaluation.json", test)
     if jax.process_index() == 0 and best["stage_dirs"]:
         plot_loss(workdir, best["stage_dirs"])
     log.info(
-        "test force MSE: model %.4g, priors alone %.4g (ratio %.3f) (kcal/mol/Å)^2",
+        "test force MSE: model %.4g, priors alone %.4g (ratio %.3f), noise floor %s (kcal/mol/Å)^2",
         test["model"]["mse"], test["priors_only"]["mse"], test["mse_ratio_model_over_priors"],
+        f"{test['noise_floor_mse']:.4g}" if "noise_floor_mse" in test else "not estimated",
     )  # fmt: skip
     return test
 
