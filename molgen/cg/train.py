@@ -91,7 +91,12 @@ def noise_floor(config, workdir, split) -> dict:
         log.info(
             "noise floor %s %d K: %.4g (kcal/mol/Å)^2 from %d configurations", dom, temp, res["noise_mse"], len(frames)
         )
-    out = {"noise_mse": total, "groups": parts}
+    per = np.asarray([v for g in parts for v in g["per_config"]])
+    # standard error: configurations differ far more than the within-configuration estimate does
+    se = float(np.sqrt(sum((g["weight"] * np.std(g["per_config"], ddof=1)) ** 2 / len(g["per_config"])
+                           for g in parts if len(g["per_config"]) > 1)))  # fmt: skip
+    out = {"noise_mse": total, "noise_mse_se": se, "per_config_range": [float(per.min()), float(per.max())],
+           "groups": parts}  # fmt: skip
     loop.write_json(workdir, "noise_floor.json", out)
     return out
 
@@ -504,6 +509,7 @@ def train_and_evaluate(config, workdir: str):
     if config.eval.noise_floor.enabled and jax.process_index() == 0:
         nf = noise_floor(config, workdir, splits["test"])["noise_mse"]
         test["noise_floor_mse"] = nf
+        test["noise_floor_mse_se"] = noise_floor(config, workdir, splits["test"])["noise_mse_se"]
         test["excess_mse_over_noise"] = {
             "model": test["model"]["mse"] - nf,
             "priors_only": test["priors_only"]["mse"] - nf,
