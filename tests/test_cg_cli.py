@@ -67,8 +67,10 @@ def test_tiny_run_writes_everything(reference):
     assert ev["noise_floor_mse"] == pytest.approx(nf["noise_mse"]) and nf["noise_mse"] > 0
     stage1 = reference / "seed_0" / "stage1"
     assert (stage1 / "metrics.jsonl").exists() and any((stage1 / "tensorboard").iterdir())
-    meta = json.loads((stage1 / "checkpoints" / "7" / "meta" / "metadata").read_text())
-    assert meta["stage"] == "stage1" and meta["epoch"] == 1 and meta["steps_per_epoch"] == 7
+    steps = sorted(int(p.name) for p in (stage1 / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 28  # 4 epochs x 7 steps; older ones are pruned (keep-last-2 + best)
+    meta = json.loads((stage1 / "checkpoints" / "28" / "meta" / "metadata").read_text())
+    assert meta["stage"] == "stage1" and meta["epoch"] == 4 and meta["steps_per_epoch"] == 7
 
 
 def test_killed_mid_stage_resumes_in_stage_and_epoch(reference, source, tmp_path):

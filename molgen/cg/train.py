@@ -507,9 +507,9 @@ def train_and_evaluate(config, workdir: str):
     test = evaluate(config, workdir, model, best["params"], prior_j, splits["test"], "test")
     test["best_seed"] = best["seed"]
     if config.eval.noise_floor.enabled and jax.process_index() == 0:
-        nf = noise_floor(config, workdir, splits["test"])["noise_mse"]
-        test["noise_floor_mse"] = nf
-        test["noise_floor_mse_se"] = noise_floor(config, workdir, splits["test"])["noise_mse_se"]
+        floor = noise_floor(config, workdir, splits["test"])
+        nf = test["noise_floor_mse"] = floor["noise_mse"]
+        test["noise_floor_mse_se"] = floor["noise_mse_se"]
         test["excess_mse_over_noise"] = {
             "model": test["model"]["mse"] - nf,
             "priors_only": test["priors_only"]["mse"] - nf,
