@@ -19,7 +19,6 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -28,6 +27,7 @@ import optax  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from benchmarks.timing import median_time  # noqa: E402
 from molgen.cg import allegro, data, mdcath, neighbors, priors, simulate  # noqa: E402
 from molgen.core.distributed import make_mesh  # noqa: E402
 from molgen.core.step import TrainState, global_batch, make_train_step, replicate  # noqa: E402
@@ -39,16 +39,6 @@ PRIORS = {
     "repulsive": {"sigma": 4.5, "eps": 0.6},
     "excluded": {"sigma": [4.5, 4.8, 5.0, 5.2], "eps": 0.6},
 }
-
-
-def median_time(fn, reps):
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
 
 
 def villin_ca():

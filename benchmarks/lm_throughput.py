@@ -22,19 +22,10 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from benchmarks.timing import median_time  # noqa: E402
 from configs import lm_models  # noqa: E402
 from molgen.lm import convert, sample  # noqa: E402
 from molgen.lm.model import Qwen3, Qwen3Config, flops_per_token, packed_mask  # noqa: E402
-
-
-def timed(fn, n):
-    fn()  # warm-up / compile
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def compare(fn_a, fn_b, n, rounds=3):
@@ -57,7 +48,7 @@ def compare(fn_a, fn_b, n, rounds=3):
 def matmul_peak(n=2048, reps=10):
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda x: x @ x)
-    dt = timed(lambda: f(a).block_until_ready(), reps)
+    dt = median_time(lambda: f(a).block_until_ready(), reps)
     return 2 * n**3 / dt
 
 

@@ -188,8 +188,8 @@ def conditional_force_noise(path: str, domain: str, temperature: int, frames, sa
     import openmm.unit as u
 
     threads = threads or os.cpu_count() or 1
-    pdb = app.PDBFile(io.StringIO(_stored_pdb(path, domain)))
-    top = mdcath.parse_topology(_stored_pdb(path, domain), domain)
+    text = _stored_pdb(path, domain)
+    pdb, top = app.PDBFile(io.StringIO(text)), mdcath.parse_topology(text, domain)
     ff = app.ForceField("amber14-all.xml", "implicit/gbn2.xml")
     system = ff.createSystem(pdb.topology, nonbondedMethod=app.NoCutoff, constraints=app.HBonds,
                              hydrogenMass=3 * u.amu, flexibleConstraints=True)  # fmt: skip

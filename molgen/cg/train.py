@@ -33,6 +33,8 @@ from jax.experimental import multihost_utils
 
 from molgen.cg import allegro, data, mdcath, neighbors, priors, simulate
 from molgen.core import loop
+from molgen.core import step as core_step
+from molgen.core import streams as streams_lib
 from molgen.core.distributed import make_mesh
 from molgen.core.records import as_str
 
@@ -102,20 +104,13 @@ def noise_floor(config, workdir, split) -> dict:
 
 
 def _stream(source, stream, n_streams, rows, seed, train):
-    ds = grain.MapDataset.source(source)
-    if len(ds) < n_streams:
-        ds = ds.repeat(-(-n_streams // len(ds)))
-    ds = ds[stream::n_streams]
-    if train:
-        ds = ds.shuffle(seed=seed + 1009 * stream)
-    ds = ds.repeat(None).map(lambda ex: {k: np.asarray(ex[k]) for k in ("positions", "forces", "species", "mask")})
+    ds = streams_lib.device_stream(source, stream, n_streams, seed, train)
+    ds = ds.map(lambda ex: {k: np.asarray(ex[k]) for k in ("positions", "forces", "species", "mask")})
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=8)).batch(rows, drop_remainder=True)
 
 
 def pipeline(source, *, global_batch, seed, streams, n_streams, train=True):
-    if global_batch % n_streams:
-        raise ValueError(f"train.batch_size={global_batch} is not divisible by the {n_streams} data-parallel devices")
-    rows = global_batch // n_streams
+    rows = streams_lib.rows_per_stream(global_batch, n_streams)
     parts = [_stream(source, s, n_streams, rows, seed, train) for s in streams]
     return grain.experimental.ZipIterDataset(parents=parts).map(
         lambda xs: {k: np.concatenate([x[k] for x in xs]) for k in xs[0]}
@@ -440,14 +435,12 @@ def train_and_evaluate(config, workdir: str):
     def eval_fn_for(stage_name):
         def eval_fn(params, step):
             nonlocal eval_step
-            from molgen.core.step import global_batch, make_eval_step
-
-            eval_step = eval_step or make_eval_step(loss_fn, mesh)
+            eval_step = eval_step or core_step.make_eval_step(loss_fn, mesh)
             it = iter(pipeline(src["validation"], global_batch=tc.batch_size, seed=0, streams=streams,
                                n_streams=n_streams, train=False))  # fmt: skip
             n_batches = max(1, -(-len(val["positions"]) // tc.batch_size))
             ms = [
-                jax.device_get(eval_step(params, global_batch(next(it), mesh), jax.random.key(0)))
+                jax.device_get(eval_step(params, core_step.global_batch(next(it), mesh), jax.random.key(0)))
                 for _ in range(n_batches)
             ]
             out = {k: float(np.mean([m[k] for m in ms])) for k in ("force_mse", "prior_force_mse", "nbr_overflow")}

@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from molgen.chem import enriched, moses
+from molgen.core import streams as streams_lib
 from molgen.core.records import as_str
 from molgen.lm import tokenizer
 
@@ -164,15 +165,7 @@ def _tokenize(ex, seq_len: int, pos_mode: str):
 
 
 def _stream(source, stream, n_streams, rows, seq_len, seed, train, bins, pos_mode):
-    if len(source) == 0:
-        raise ValueError("the dataset split is empty: every molecule failed to build (see build_report.json)")
-    ds = grain.MapDataset.source(source)
-    if len(ds) < n_streams:  # tiny splits: repeat so that every device stream gets examples
-        ds = ds.repeat(-(-n_streams // len(ds)))
-    ds = ds[stream::n_streams]
-    if train:
-        ds = ds.shuffle(seed=seed + 1009 * stream)
-    ds = ds.repeat(None)  # validation repeats too, so every process runs the same number of eval steps
+    ds = streams_lib.device_stream(source, stream, n_streams, seed, train)
     ds = ds.map(lambda ex: _tokenize(ex, seq_len, pos_mode))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=64))
     it = grain.experimental.FirstFitPackIterDataset(
@@ -203,8 +196,6 @@ def pipeline(
     pos_mode: str = "sequential",
 ) -> grain.IterDataset:
     """Packed batches of this process's streams: {"tokens","segment_ids","positions"} [rows, seq_len]."""
-    if global_batch % n_streams:
-        raise ValueError(f"train.batch_size={global_batch} is not divisible by the {n_streams} data-parallel devices")
-    rows = global_batch // n_streams
+    rows = streams_lib.rows_per_stream(global_batch, n_streams)
     parts = [_stream(source, s, n_streams, rows, seq_len, seed, train, packing_bins, pos_mode) for s in streams]
     return grain.experimental.ZipIterDataset(parents=parts).map(_concat)
