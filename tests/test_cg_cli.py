@@ -58,6 +58,9 @@ def test_tiny_run_writes_everything(reference):
     names += ["evaluation.json", "noise_floor.json", "forces_test.png", "loss.png", "seed_0/forces_validation.png"]
     for name in names:
         assert (reference / name).exists(), name
+    refined = json.loads((reference / "priors_lbfgs.json").read_text())  # walls still repel, bonds still bind
+    assert refined["bond"]["kr"] > 0 and refined["repulsive"]["eps"] > 0 and refined["repulsive"]["sigma"] > 0
+    assert refined["excluded"]["eps"] > 0 and min(refined["excluded"]["sigma"]) > 0
     ev = json.loads((reference / "evaluation.json").read_text())
     for key in ("mse", "rmse", "mae", "max", "rmse_x", "mae_y", "max_z"):
         assert key in ev["model"] and key in ev["priors_only"]
@@ -90,3 +93,18 @@ def test_killed_mid_stage_resumes_in_stage_and_epoch(reference, source, tmp_path
     a = json.loads((reference / "ensemble.json").read_text())["seeds"][0]["validation_force_mse"]
     b = json.loads((wd / "ensemble.json").read_text())["seeds"][0]["validation_force_mse"]
     assert b == pytest.approx(a, rel=1e-5)
+
+
+def test_vmapped_ensemble_member_matches_sequential_seed(reference, source, tmp_path):
+    """Two members trained as one stacked run: member 0 has seed 0's init and data order, so it
+    must end where the sequential reference's seed 0 did; the ensemble report covers both."""
+    wd = tmp_path / "vmapped"
+    run(wd, source, reference / "tfds", *KILL_ARGS, "--config.ensemble.seeds=2", "--config.ensemble.vmap=True",
+        "--config.eval.noise_floor.enabled=False")  # fmt: skip
+    ens = json.loads((wd / "ensemble.json").read_text())
+    assert [s["seed"] for s in ens["seeds"]] == [0, 1] and ens["std"] > 0
+    a = json.loads((reference / "ensemble.json").read_text())["seeds"][0]["validation_force_mse"]
+    assert ens["seeds"][0]["validation_force_mse"] == pytest.approx(a, rel=1e-4)
+    rows = [json.loads(x) for x in (wd / "ensemble" / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/force_mse_1" in r for r in rows)
+    assert (wd / "ensemble" / "member_1" / "forces_validation.png").exists()

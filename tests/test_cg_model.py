@@ -132,3 +132,60 @@ def test_periodic_neighbour_list(periodic):
     d = d - box * jnp.round(d / box)
     expected = int((jnp.linalg.norm(d, axis=-1) < 6.0).sum() - 40)
     assert int((nbrs.idx[0, 0] < 40).sum()) == expected
+
+
+def _model(box=0.0):
+    """The training driver's Model (tiny config) on a 12-bead frame padded to 16."""
+    from molgen.cg import train
+
+    cfg = _tiny_box_config(box)
+    x, spc, mask = _frame()
+    if box:
+        x = jnp.where(mask[:, None], x + box / 2, x)
+    model = train.make_model(cfg, 16, 16 * 15, x)
+    params = train.init_net(model, 0, {"positions": x, "species": spc})
+    return train, model, params, priors.as_jax(PRIORS), x, spc, mask
+
+
+def test_virial_in_free_space_is_sum_of_x_outer_f():
+    train, model, params, pp, x, spc, mask = _model()
+    e, f, w, overflow = train.frame_forces_virial(model, params, pp, x, spc, mask)
+    e2, f2, _ = train.frame_forces(model, params, pp, x, spc, mask)
+    assert not bool(overflow) and np.isclose(float(e), float(e2), rtol=1e-6)
+    np.testing.assert_allclose(f, f2, rtol=1e-5, atol=1e-5)
+    real = np.asarray(mask)
+    expected = np.einsum("ia,ib->ab", np.asarray(x)[real], np.asarray(f)[real])
+    np.testing.assert_allclose(w, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
+    np.testing.assert_allclose(w, np.asarray(w).T, atol=2e-3 * np.abs(expected).max())
+
+
+def test_periodic_box_minimum_image_energy_and_virial():
+    """In a box: a bead moved by a box vector changes nothing; a large box reproduces free space;
+    the trace of the virial is minus the derivative of E under uniform scaling of box and beads."""
+    box = 32.0
+    train, model, params, pp, x, spc, mask = _model(box)
+    e = float(train.frame_energy(model, params, pp, x, spc, mask)[0])
+    shifted = x.at[3].add(jnp.array([box, 0.0, -box]))
+    assert np.isclose(float(train.frame_energy(model, params, pp, shifted, spc, mask)[0]), e, rtol=1e-5)
+    _, free, fparams, *_ = _model(0.0)
+    x_free = jnp.where(mask[:, None], x - box / 2, x)
+    e_free = float(train.frame_energy(free, params, pp, x_free, spc, mask)[0])
+    assert np.isclose(e, e_free, rtol=1e-5, atol=1e-4)
+
+    w = train.frame_forces_virial(model, params, pp, x, spc, mask)[2]
+
+    def scaled_energy(s):
+        m = train.make_model(_tiny_box_config(box * s), 16, 16 * 15, x * s)
+        return float(train.frame_energy(m, params, pp, x * s, spc, mask)[0])
+
+    h = 1e-3
+    de_ds = (scaled_energy(1 + h) - scaled_energy(1 - h)) / (2 * h)
+    assert np.isclose(-float(jnp.trace(w)), de_ds, rtol=2e-2, atol=1e-2)
+
+
+def _tiny_box_config(box):
+    from experiments import cg_tiny
+
+    cfg = cg_tiny.get_config()
+    cfg.model.update(dict(box=box, cutoff=10.0))
+    return cfg

@@ -53,10 +53,14 @@ class Allegro(nn.Module):
     avg_neighbors: float = 20.0
 
     @nn.compact
-    def __call__(self, positions_Nx3, species_N, centres_E, neighbours_E, valid_E):
-        """Per-bead energies [N] (kcal/mol)."""
+    def __call__(self, positions_Nx3, species_N, centres_E, neighbours_E, valid_E, displacement=None):
+        """Per-bead energies [N] (kcal/mol). `displacement(a, b) -> a - b` is a jax-md
+        displacement function (periodic box, strained space); default plain differences."""
         n = positions_Nx3.shape[0]
-        vec = positions_Nx3[neighbours_E] - positions_Nx3[centres_E]
+        if displacement is None:
+            vec = positions_Nx3[neighbours_E] - positions_Nx3[centres_E]
+        else:
+            vec = jax.vmap(displacement)(positions_Nx3[neighbours_E], positions_Nx3[centres_E])
         r = geometry.safe_norm(vec)
         live = valid_E & (r > 1e-6) & (r < self.cutoff)
         vec = jnp.where(live[:, None], vec, jnp.array([1.0, 0.0, 0.0]))

@@ -52,9 +52,17 @@ def _atan2_bwd(res, g):
 safe_atan2.defvjp(_atan2_fwd, _atan2_bwd)
 
 
-def gather(positions_Nx3, index_MxK, valid_M):
-    """Positions [M, K, 3] of the index tuples; invalid tuples get stop-gradient'ed positions."""
+def gather(positions_Nx3, index_MxK, valid_M, displacement=None):
+    """Positions [M, K, 3] of the index tuples; invalid tuples get stop-gradient'ed positions.
+
+    With a jax-md `displacement(a, b) -> a - b` (periodic boxes, or a strained space for the
+    virial), each tuple is rebuilt around its first bead as x_0 + displacement(x_k, x_0), so
+    every difference taken afterwards is the displacement's (minimum image in a box).
+    """
     x = positions_Nx3[index_MxK]
+    if displacement is not None:
+        d = jax.vmap(jax.vmap(displacement, (0, None)))(x, x[:, 0])
+        x = x[:, :1] + d
     return jnp.where(valid_M[:, None, None], x, jax.lax.stop_gradient(x))
 
 

@@ -102,6 +102,16 @@ def parse_topology(pdb_text: str, domain: str, where: str = "") -> Topology:
     )
 
 
+def ca_positions(pdb_text: str, topology: Topology) -> np.ndarray:
+    """CA coordinates [R, 3] (Å) of the structure in the PDB text (the starting, folded one)."""
+    xyz = [
+        (float(line[30:38]), float(line[38:46]), float(line[46:54]))
+        for line in pdb_text.splitlines()
+        if line.startswith(("ATOM", "HETATM"))
+    ]
+    return np.asarray(xyz, np.float64)[topology.ca_index]
+
+
 def coarse_grain(topology: Topology, coords_FxNx3, forces_FxNx3):
     """CA positions [F, R, 3] and summed residue forces [F, R, 3]."""
     pos = np.asarray(coords_FxNx3)[:, topology.ca_index]

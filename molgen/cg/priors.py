@@ -68,17 +68,18 @@ def _power_wall(r, valid, sigma, eps):
     return jnp.where(valid & (r > 0), eps * (sigma / r_safe) ** 4, 0.0)
 
 
-def term_energies(params, positions_Nx3, mask_N, topo, weights=None, excluded: bool = True) -> dict:
-    """Energy of each prior term for one frame, kcal/mol (scalars)."""
+def term_energies(params, positions_Nx3, mask_N, topo, weights=None, excluded: bool = True, displacement=None) -> dict:
+    """Energy of each prior term for one frame, kcal/mol (scalars). `displacement`: a jax-md
+    displacement function (default plain differences, i.e. free space)."""
     w = dict(DEFAULT_WEIGHTS, **(weights or {}))
     out = {}
     v = _valid(mask_N, topo["bond"])
-    r = geometry.distances(geometry.gather(positions_Nx3, topo["bond"], v))
+    r = geometry.distances(geometry.gather(positions_Nx3, topo["bond"], v, displacement))
     p = params["bond"]
     out["bond"] = jnp.sum(jnp.where(v, 0.5 * p["kr"] * (r - p["r0"]) ** 2, 0.0))
 
     v = _valid(mask_N, topo["angle"])
-    theta = geometry.angles(geometry.gather(positions_Nx3, topo["angle"], v))
+    theta = geometry.angles(geometry.gather(positions_Nx3, topo["angle"], v, displacement))
     n = jnp.arange(1, params["angle"]["a"].shape[0] + 1)
     e = jnp.sum(
         params["angle"]["a"] * jnp.cos(n * theta[:, None]) + params["angle"]["b"] * jnp.sin(n * theta[:, None]), -1
@@ -86,26 +87,26 @@ def term_energies(params, positions_Nx3, mask_N, topo, weights=None, excluded: b
     out["angle"] = jnp.sum(jnp.where(v, e, 0.0))
 
     v = _valid(mask_N, topo["dihedral"])
-    phi = geometry.dihedrals(geometry.gather(positions_Nx3, topo["dihedral"], v))
+    phi = geometry.dihedrals(geometry.gather(positions_Nx3, topo["dihedral"], v, displacement))
     p = params["dihedral"]
     n = jnp.arange(1, p["k"].shape[0] + 1)
     e = jnp.sum(p["k"] * (1 + jnp.cos(n * phi[:, None] - p["gamma"])), -1)
     out["dihedral"] = jnp.sum(jnp.where(v, e, 0.0))
 
     v = _valid(mask_N, topo["repulsive"])
-    r = geometry.distances(geometry.gather(positions_Nx3, topo["repulsive"], v))
+    r = geometry.distances(geometry.gather(positions_Nx3, topo["repulsive"], v, displacement))
     out["repulsive"] = jnp.sum(_power_wall(r, v, params["repulsive"]["sigma"], params["repulsive"]["eps"]))
 
     if excluded:
         v = _valid(mask_N, topo["excluded"])
-        r = geometry.distances(geometry.gather(positions_Nx3, topo["excluded"], v))
+        r = geometry.distances(geometry.gather(positions_Nx3, topo["excluded"], v, displacement))
         sigma = params["excluded"]["sigma"][topo["excluded_sep"] - 2]
         out["excluded"] = jnp.sum(_power_wall(r, v, sigma, params["excluded"]["eps"]))
     return {k: w[k] * e for k, e in out.items()}
 
 
-def energy(params, positions_Nx3, mask_N, topo, weights=None, excluded: bool = True):
-    return sum(term_energies(params, positions_Nx3, mask_N, topo, weights, excluded).values())
+def energy(params, positions_Nx3, mask_N, topo, weights=None, excluded: bool = True, displacement=None):
+    return sum(term_energies(params, positions_Nx3, mask_N, topo, weights, excluded, displacement).values())
 
 
 # ----------------------------------------------------------------------------- fitting

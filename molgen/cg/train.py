@@ -11,8 +11,14 @@ fixed while Allegro learns the rest by force matching:
 Stages (each switchable): stage1 (AdaBelief, warmup-cosine), stage2 (Yogi, lower lr). Each
 stage trains with the shared loop in `<workdir>/seed_<k>/<stage>/`, whose checkpoints record
 the stage and epoch; a killed run started again resumes in the stage and epoch it reached.
-With `ensemble.seeds` > 1 the seeds train one after another and the best by validation force
-MSE is kept (`ensemble.json` reports every seed and the spread).
+With `ensemble.seeds` > 1 the seeds train one after another (`seed_<k>/`, each with its own
+data order), or with `ensemble.vmap` as one stacked run (`ensemble/`: a leading member axis on
+every parameter, the optimiser applied per member, all members on the same batches; member k
+is then identical to sequential seed k's init). The best by validation force MSE is kept and
+`ensemble.json` reports every member and the spread.
+
+`model.box` > 0 trains in a cubic periodic box (minimum-image geometry in the priors and in
+Allegro, jax-md cell lists); `frame_forces_virial` gives the virial from a strain derivative.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
+from jax_md import space
 
 from molgen.cg import allegro, data, mdcath, neighbors, priors, simulate
 from molgen.core import loop
@@ -140,9 +147,23 @@ class Model:
     nbr_template: object  # a NeighborList of the fixed capacity
     weights: dict
     excluded: bool
+    box: float = 0.0  # cubic periodic box edge in Å; 0 = free space
 
     def __hash__(self):
         return id(self)
+
+    def displacement(self, strain=None):
+        """jax-md displacement of this space (None = plain differences), optionally strained:
+        every displacement vector d becomes (1 + strain) d, whose energy derivative is the virial."""
+        base = space.periodic(self.box)[0] if self.box else None
+        if strain is None:
+            return base
+        t = jnp.eye(3, dtype=strain.dtype) + strain
+        return lambda a, b: t @ (base(a, b) if base is not None else a - b)
+
+    def wrap(self, positions):
+        """Positions the neighbour list sees: wrapped into the box when periodic."""
+        return jnp.mod(positions, self.box) if self.box else positions
 
 
 def make_model(config, n_max: int, capacity: int, example_positions) -> Model:
@@ -151,25 +172,40 @@ def make_model(config, n_max: int, capacity: int, example_positions) -> Model:
         n_species=20, cutoff=mc.cutoff, n_basis=mc.n_basis, n_layers=mc.n_layers, latent=mc.latent,
         channels=mc.channels, lmax=mc.lmax, embed=mc.embed, mlp_depth=mc.mlp_depth, avg_neighbors=mc.avg_neighbors,
     )  # fmt: skip
-    fn = neighbors.neighbor_fn(mc.cutoff)
-    first = fn.allocate(jnp.asarray(example_positions))
-    template = fn.allocate(jnp.asarray(example_positions), extra_capacity=max(0, capacity - first.idx.shape[1]))
+    box = float(mc.get("box", 0.0))
+    fn = neighbors.neighbor_fn(mc.cutoff, box=box or None)
+    x0 = jnp.mod(jnp.asarray(example_positions), box) if box else jnp.asarray(example_positions)
+    first = fn.allocate(x0)
+    template = fn.allocate(x0, extra_capacity=max(0, capacity - first.idx.shape[1]))
     pc = config.priors
     weights = {k: float(pc.weights[k]) for k in priors.TERMS}
-    return Model(net, priors.topology(n_max), fn, template, weights, bool(pc.excluded_volume))
+    return Model(net, priors.topology(n_max), fn, template, weights, bool(pc.excluded_volume), box)
 
 
-def frame_energy(model: Model, nn_params, prior_params, positions, species, mask, use_net=True):
-    """Total energy of one frame, its per-term parts, and the neighbour-list overflow flag."""
-    terms = priors.term_energies(prior_params, positions, mask, model.topo, model.weights, model.excluded)
-    overflow = jnp.zeros((), bool)
-    if use_net:
-        nbrs = model.nbr_fn.update(positions, model.nbr_template)
-        c, n, v = neighbors.edges(nbrs.idx, positions.shape[0])
+def graph_energy(model: Model, nn_params, prior_params, positions, species, mask, edges=None, topo=None, strain=None):
+    """Total energy and per-term parts of one frame given its neighbour graph `edges` =
+    (centres, neighbours, valid) (None: priors only) and prior topology (default the model's).
+    `strain` [3, 3] deforms every displacement (for the virial; see `frame_forces_virial`)."""
+    disp = model.displacement(strain)
+    topo = model.topo if topo is None else topo
+    terms = priors.term_energies(prior_params, positions, mask, topo, model.weights, model.excluded, disp)
+    if edges is not None:
+        c, n, v = edges
         v = v & mask[c] & mask[n]
-        terms["allegro"] = jnp.sum(model.net.apply({"params": nn_params}, positions, species, c, n, v) * mask)
+        e_bead = model.net.apply({"params": nn_params}, positions, species, c, n, v, displacement=disp)
+        terms["allegro"] = jnp.sum(e_bead * mask)
+    return sum(terms.values()), terms
+
+
+def frame_energy(model: Model, nn_params, prior_params, positions, species, mask, use_net=True, strain=None):
+    """Total energy of one frame, its per-term parts, and the neighbour-list overflow flag."""
+    edges, overflow = None, jnp.zeros((), bool)
+    if use_net:
+        nbrs = model.nbr_fn.update(model.wrap(positions), model.nbr_template)
+        edges = neighbors.edges(nbrs.idx, positions.shape[0])
         overflow = nbrs.did_buffer_overflow
-    return sum(terms.values()), terms, overflow
+    total, terms = graph_energy(model, nn_params, prior_params, positions, species, mask, edges, strain=strain)
+    return total, terms, overflow
 
 
 def frame_forces(model, nn_params, prior_params, positions, species, mask, use_net=True):
@@ -179,6 +215,21 @@ def frame_forces(model, nn_params, prior_params, positions, species, mask, use_n
 
     (energy, overflow), grad = jax.value_and_grad(e, has_aux=True)(positions)
     return energy, -grad, overflow
+
+
+def frame_forces_virial(model, nn_params, prior_params, positions, species, mask, use_net=True):
+    """(energy, forces [N, 3], virial [3, 3], overflow). The virial is W = -dE/d(strain) at zero
+    strain, in kcal/mol (LAMMPS' sum over pairs of r_ij F_ij; in free space it equals
+    sum_i x_i F_i^T); pressure = (N k T + tr W / 3) / V."""
+
+    def e(x, strain):
+        total, _, overflow = frame_energy(model, nn_params, prior_params, x, species, mask, use_net, strain)
+        return total, overflow
+
+    (energy, overflow), (gx, gs) = jax.value_and_grad(e, argnums=(0, 1), has_aux=True)(
+        positions, jnp.zeros((3, 3), positions.dtype)
+    )
+    return energy, -gx, -gs, overflow
 
 
 def force_loss(model, prior_params, gamma_f: float):
@@ -202,6 +253,19 @@ def force_loss(model, prior_params, gamma_f: float):
         return gamma_f * sq, aux
 
     return loss_fn
+
+
+def ensemble_loss(loss_fn, members: int):
+    """The summed loss of a stacked ensemble (every parameter has a leading member axis): each
+    member's gradient is its own loss's. Metrics are member means, plus force_mse_<k> per member."""
+
+    def fn(params, batch, rng):
+        losses, aux = jax.vmap(lambda p: loss_fn(p, batch, rng))(params)
+        out = {k: jnp.mean(v) for k, v in aux.items()}  # the weight is the same for every member
+        out.update({f"force_mse_{k}": aux["force_mse"][k] for k in range(members)})
+        return jnp.sum(losses), out
+
+    return fn
 
 
 def init_net(model: Model, seed: int, example):
@@ -231,8 +295,23 @@ def fit_priors(config, workdir, train) -> dict:
     return params
 
 
+# Prior parameters that must stay positive (a stiffness, a wall's strength and radius): L-BFGS
+# optimises their logarithms, so the refined priors still repel at short range and bind bonds,
+# which is what keeps MD physical where the network has seen no data.
+POSITIVE = {"bond": ("kr",), "repulsive": ("eps", "sigma"), "excluded": ("eps", "sigma")}
+
+
+def _to_free(p):
+    return {t: {k: jnp.log(jnp.abs(v)) if k in POSITIVE.get(t, ()) else v for k, v in d.items()} for t, d in p.items()}
+
+
+def _from_free(z):
+    return {t: {k: jnp.exp(v) if k in POSITIVE.get(t, ()) else v for k, v in d.items()} for t, d in z.items()}
+
+
 def lbfgs_priors(config, workdir, model: Model, params, train) -> dict:
-    """Refine the prior parameters alone on the force-matching loss with optax L-BFGS."""
+    """Refine the prior parameters alone on the force-matching loss with optax L-BFGS (positive
+    parameters through their logarithms, see POSITIVE)."""
     path = pathlib.Path(workdir) / "priors_lbfgs.json"
     if path.exists():
         return priors.load(str(path))
@@ -240,9 +319,10 @@ def lbfgs_priors(config, workdir, model: Model, params, train) -> dict:
     idx = np.random.default_rng(config.train.seed).permutation(len(train["positions"]))[: lc.frames]
     x, s, m, f_ref = (jnp.asarray(train[k][idx]) for k in ("positions", "species", "mask", "forces"))
     mm = m[..., None].astype(jnp.float32)
-    p0 = priors.as_jax(params)
+    z0 = _to_free(priors.as_jax(params))
 
-    def loss(p):
+    def loss(z):
+        p = _from_free(z)
         f = jax.vmap(lambda a, b, c: frame_forces(model, None, p, a, b, c, use_net=False)[1])(x, s, m)
         return jnp.sum(mm * (f - f_ref) ** 2) / (jnp.sum(mm) * 3)
 
@@ -255,16 +335,16 @@ def lbfgs_priors(config, workdir, model: Model, params, train) -> dict:
         updates, state = opt.update(grad, state, p, value=value, grad=grad, value_fn=loss)
         return optax.apply_updates(p, updates), state, value
 
-    p, state = p0, opt.init(p0)
-    start = float(loss(p0))
+    z, state = z0, opt.init(z0)
+    start = float(loss(z0))
     for _ in range(lc.iterations):
-        p, state, value = step(p, state)
-    end = float(loss(p))
+        z, state, value = step(z, state)
+    end = float(loss(z))
     if not np.isfinite(end) or end > start:  # keep the Boltzmann-inversion fit if L-BFGS did not help
         log.warning("L-BFGS prior refinement gave force MSE %.4g vs %.4g before; keeping the fit", end, start)
-        p = p0
+        z = z0
     log.info("L-BFGS priors: force MSE %.4g -> %.4g on %d frames", start, min(start, end), len(idx))
-    out = jax.tree.map(lambda a: np.asarray(a).tolist(), p)
+    out = jax.tree.map(lambda a: np.asarray(a).tolist(), _from_free(z))
     if jax.process_index() == 0:
         priors.save(out, str(path))
     return out
@@ -430,12 +510,14 @@ def train_and_evaluate(config, workdir: str):
     spe = max(1, len(splits["train"]["positions"]) // tc.batch_size)
     val = splits["validation"]
     loss_fn = force_loss(model, prior_j, config.loss.gamma_f)
-    eval_step = None
 
-    def eval_fn_for(stage_name):
+    eval_steps = {}
+
+    def eval_fn_for(stage_name, fn):
         def eval_fn(params, step):
-            nonlocal eval_step
-            eval_step = eval_step or core_step.make_eval_step(loss_fn, mesh)
+            if fn not in eval_steps:
+                eval_steps[fn] = core_step.make_eval_step(fn, mesh)
+            eval_step = eval_steps[fn]
             it = iter(pipeline(src["validation"], global_batch=tc.batch_size, seed=0, streams=streams,
                                n_streams=n_streams, train=False))  # fmt: skip
             n_batches = max(1, -(-len(val["positions"]) // tc.batch_size))
@@ -443,53 +525,57 @@ def train_and_evaluate(config, workdir: str):
                 jax.device_get(eval_step(params, core_step.global_batch(next(it), mesh), jax.random.key(0)))
                 for _ in range(n_batches)
             ]
-            out = {k: float(np.mean([m[k] for m in ms])) for k in ("force_mse", "prior_force_mse", "nbr_overflow")}
+            out = {k: float(np.mean([m[k] for m in ms])) for k in ms[0] if k not in ("weight", "loss")}
             if out["nbr_overflow"] > 0:
                 raise neighbors.Overflow(f"neighbour list overflowed on validation frames in {stage_name}")
             return out
 
         return eval_fn
 
-    results = []
-    for k in range(config.ensemble.seeds):
-        seed = tc.seed + k
-        seed_dir = os.path.join(workdir, f"seed_{k}")
-        params = init_net(
-            model, seed, {"positions": splits["train"]["positions"][0], "species": splits["train"]["species"][0]}
-        )
+    def train_stages(run_dir, params, seed, members=0):
+        """stage 1 then stage 2 (those enabled) in run_dir/<stage>; returns (params, stage dirs)."""
         stage_dirs = []
+        fn = ensemble_loss(loss_fn, members) if members else loss_fn
         for name in ("stage1", "stage2"):
             stage = config.stages[name]
             if not stage.enabled:
                 continue
             c = _stage_config(config, stage, spe, seed)
-            stage_dir = os.path.join(seed_dir, name)
+            stage_dir = os.path.join(run_dir, name)
             os.makedirs(stage_dir, exist_ok=True)
             it = pipeline(src["train"], global_batch=tc.batch_size, seed=seed, streams=streams, n_streams=n_streams)
-            log.info(
-                "seed %d %s: %d epochs x %d steps, %s lr %g",
-                k,
-                name,
-                stage.epochs,
-                spe,
-                stage.optim.name,
-                stage.optim.lr,
-            )
-            meta = {"stage": name, "seed": k, "steps_per_epoch": spe}
-            state, _ = loop.fit(c, stage_dir, mesh=mesh, params=params, loss_fn=loss_fn, train_data=it,
-                                eval_fn=eval_fn_for(name), items_per_step=lambda m: tc.batch_size, item_name="frames",
-                                meta=meta, check=_no_overflow)  # fmt: skip
+            log.info("%s %s: %d epochs x %d steps, %s lr %g%s", run_dir, name, stage.epochs, spe, stage.optim.name,
+                     stage.optim.lr, f", {members} vmapped members" if members else "")  # fmt: skip
+            meta = {"stage": name, "seed": seed - tc.seed, "steps_per_epoch": spe, "members": members}
+            state, _ = loop.fit(c, stage_dir, mesh=mesh, params=params, loss_fn=fn, train_data=it,
+                                eval_fn=eval_fn_for(name, fn), items_per_step=lambda m: tc.batch_size,
+                                item_name="frames", meta=meta, check=_no_overflow, members=members)  # fmt: skip
             params = jax.device_get(state.params)
             stage_dirs.append((name, stage_dir))
-        val_res = evaluate(config, seed_dir, model, params, prior_j, val, "validation")
-        results.append({"seed": k, "validation_force_mse": val_res["model"]["mse"], "params": params, "dir": seed_dir,
-                        "stage_dirs": stage_dirs})  # fmt: skip
-        log.info(
-            "seed %d: validation force MSE %.4g (priors alone %.4g)",
-            k,
-            val_res["model"]["mse"],
-            val_res["priors_only"]["mse"],
-        )
+        return params, stage_dirs
+
+    example = {"positions": splits["train"]["positions"][0], "species": splits["train"]["species"][0]}
+    n_seeds = config.ensemble.seeds
+    if config.ensemble.get("vmap", False) and n_seeds > 1:
+        # one run whose parameters carry a leading member axis; members differ by their init seed
+        stacked = jax.tree.map(lambda *p: np.stack(p), *[init_net(model, tc.seed + k, example) for k in range(n_seeds)])
+        stacked, stage_dirs = train_stages(os.path.join(workdir, "ensemble"), stacked, tc.seed, n_seeds)
+        trained = [(k, jax.tree.map(lambda p, k=k: p[k], stacked), os.path.join(workdir, "ensemble", f"member_{k}"),
+                    stage_dirs) for k in range(n_seeds)]  # fmt: skip
+    else:
+        trained = []
+        for k in range(n_seeds):
+            seed_dir = os.path.join(workdir, f"seed_{k}")
+            params, stage_dirs = train_stages(seed_dir, init_net(model, tc.seed + k, example), tc.seed + k)
+            trained.append((k, params, seed_dir, stage_dirs))
+    results = []
+    for k, params, member_dir, stage_dirs in trained:
+        os.makedirs(member_dir, exist_ok=True)
+        val_res = evaluate(config, member_dir, model, params, prior_j, val, "validation")
+        results.append({"seed": k, "validation_force_mse": val_res["model"]["mse"], "params": params,
+                        "dir": member_dir, "stage_dirs": stage_dirs})  # fmt: skip
+        log.info("seed %d: validation force MSE %.4g (priors alone %.4g)", k, val_res["model"]["mse"],
+                 val_res["priors_only"]["mse"])  # fmt: skip
 
     best = min(results, key=lambda r: r["validation_force_mse"])
     mses = [r["validation_force_mse"] for r in results]

@@ -50,6 +50,7 @@ def fit(
     item_name: str = "tokens",
     meta: dict | None = None,
     check: Callable[[int, dict], None] | None = None,
+    members: int = 0,
 ) -> tuple[TrainState, dict]:
     """Train `params` for `config.train.steps` steps; returns (final state, last eval metrics).
 
@@ -57,9 +58,13 @@ def fit(
     `eval_fn(params, step) -> dict`: evaluation metrics ("eval/" is prefixed when logging).
     `check(step, metrics)`: raises to stop the run on a family-specific bad state (after the NaN
     guard; the last good checkpoint is kept).
+    `members` > 0: `params` is a stacked ensemble (leading axis of that size) and the optimiser
+    runs per member (`optim.per_member`); `loss_fn` sums the members' losses.
     """
     tc, steps = config.train, config.train.steps
     tx, schedule = optim.make_optimizer(config.optim, steps)
+    if members:
+        tx = optim.per_member(tx)
     state = TrainState.create(params, tx)
     mgr = checkpoint.manager(workdir, config.ckpt)
     data_iter = iter(train_data)

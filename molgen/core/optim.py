@@ -75,3 +75,10 @@ def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation,
     else:
         raise ValueError(f"optim.name={name!r} is not one of {OPTIMIZERS}")
     return optax.chain(*chain), sched
+
+
+def per_member(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """The optimiser applied independently to each member of a stacked ensemble (leading axis
+    of every parameter): clipping norms, moments and step counts are per member, so a vmapped
+    ensemble trains exactly like its members would one by one on the same batches."""
+    return optax.GradientTransformation(jax.vmap(tx.init), jax.vmap(tx.update))

