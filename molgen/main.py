@@ -18,6 +18,7 @@ from ml_collections import config_flags
 FAMILIES = {
     "lm": "molgen.lm.pretrain",
     "cg": "molgen.cg.train",
+    "cg_md": "molgen.cg.production",
 }  # config.family -> module with train_and_evaluate(config, workdir)
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py).", lock_config=True)

@@ -8,6 +8,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 os.environ.setdefault("MOLGEN_CACHE", str(pathlib.Path.home() / ".cache" / "molgen"))
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -33,3 +34,24 @@ def villin_h5(tmp_path_factory):
     return simulate.produce(
         str(out), temperatures=(320, 348), replicas=1, frames=3, steps_per_frame=5, equilibration_steps=10, chunk=2
     )
+
+
+@pytest.fixture(scope="session")
+def cg_source(tmp_path_factory):
+    """48 real frames: villin at 320 K, two replicas, as experiments/cg_tiny.py simulates them."""
+    from molgen.cg import simulate
+
+    d = tmp_path_factory.mktemp("cg_src")
+    simulate.produce(str(d / "mdcath_dataset_villin.h5"), temperatures=(320,), replicas=2, frames=24,
+                     steps_per_frame=5, equilibration_steps=20)  # fmt: skip
+    return d
+
+
+@pytest.fixture(scope="session")
+def cg_trained(tmp_path_factory, cg_source):
+    """A finished tiny CG training run (experiments/cg_tiny.py, 4 stage-1 epochs)."""
+    import cg_run
+
+    wd = tmp_path_factory.mktemp("cg_ref")
+    cg_run.run(wd, cg_source, wd / "tfds", *cg_run.KILL_ARGS)
+    return wd

@@ -1,56 +1,26 @@
 """The CG family through the real CLI: a tiny run's outputs, and SIGKILL mid-stage + resume."""
 
 import json
-import os
-import pathlib
 import signal
 import subprocess
-import sys
 import time
 
+import cg_run
 import pytest
 
-from molgen.cg import simulate
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-KILL_ARGS = ["--config.stages.stage1.epochs=4"]
-
-
-def _env():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = str(ROOT)
-    return env
+KILL_ARGS = cg_run.KILL_ARGS
+_cmd, run = cg_run.cmd, cg_run.run
+_env = cg_run.env
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    """48 real frames: villin at 320 K, two replicas, as experiments/cg_tiny.py simulates them."""
-    d = tmp_path_factory.mktemp("cg_src")
-    simulate.produce(str(d / "mdcath_dataset_villin.h5"), temperatures=(320,), replicas=2, frames=24,
-                     steps_per_frame=5, equilibration_steps=20)  # fmt: skip
-    return d
-
-
-def _cmd(workdir, source, data_dir, *extra):
-    return [sys.executable, "-m", "molgen.main", "--config=experiments/cg_tiny.py", f"--workdir={workdir}",
-            f"--config.data.source={source}", f"--config.data.data_dir={data_dir}", *extra]  # fmt: skip
-
-
-def run(workdir, source, data_dir, *extra):
-    res = subprocess.run(_cmd(workdir, source, data_dir, *extra), cwd=ROOT, env=_env(), capture_output=True, text=True,
-                         timeout=900)  # fmt: skip
-    if res.returncode:
-        raise AssertionError(res.stderr[-4000:])
-    return res
+def source(cg_source):
+    return cg_source
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, source):
-    wd = tmp_path_factory.mktemp("cg_ref")
-    run(wd, source, wd / "tfds", *KILL_ARGS)
-    return wd
+def reference(cg_trained):
+    return cg_trained
 
 
 def test_tiny_run_writes_everything(reference):
@@ -78,7 +48,7 @@ def test_tiny_run_writes_everything(reference):
 
 def test_killed_mid_stage_resumes_in_stage_and_epoch(reference, source, tmp_path):
     wd = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(wd, source, reference / "tfds", *KILL_ARGS), cwd=ROOT, env=_env(),
+    proc = subprocess.Popen(_cmd(wd, source, reference / "tfds", *KILL_ARGS), cwd=cg_run.ROOT, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     ck = wd / "seed_0" / "stage1" / "checkpoints"
     deadline = time.time() + 600

@@ -180,9 +180,10 @@ def write(workdir: str, out: str | None = None, platforms=("cpu", "cuda")) -> pa
             with h5py.File(path, "r") as f:
                 pdb = mdcath._text(f[dom]["pdbProteinAtoms"])
             topo = mdcath.parse_topology(pdb, dom)
+            folded = mdcath.ca_positions(pdb, topo).tolist()
             proteins.append({"domain": dom, "n_beads": len(topo.species), "resnames": list(topo.resnames),
                              "species": topo.species.tolist(), "masses": residue_masses(topo.resnames),
-                             "chains": [len(topo.species)], "folded": mdcath.ca_positions(pdb, topo).tolist()})  # fmt: skip
+                             "chains": [len(topo.species)], "folded": folded})  # fmt: skip
     meta = {
         "format": FORMAT,
         "species": {name: i for i, name in enumerate(mdcath.AMINO_ACIDS)},

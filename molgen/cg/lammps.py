@@ -18,6 +18,7 @@ are written to the run folder. Serial LAMMPS only (one MPI rank): the callback s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -100,7 +101,17 @@ def read_data_header(path) -> dict:
             t, name = lines[i].split()[:2]
             labels[name] = int(t) - 1
             i += 1
-    return {"atoms": atoms, "species": labels}
+    types = np.zeros(atoms, np.int64)
+    start = next((k for k, x in enumerate(lines) if x.startswith("Atoms")), None)
+    if start is None:
+        raise LammpsError(f"{path}: no Atoms section")
+    rows = [x.split() for x in lines[start + 2 : start + 2 + atoms]]
+    try:
+        for r in rows:
+            types[int(r[0]) - 1] = int(r[2]) - 1
+    except (IndexError, ValueError) as e:
+        raise LammpsError(f"{path}: Atoms section is not 'id mol type x y z' for {atoms} atoms ({e})") from e
+    return {"atoms": atoms, "species": labels, "types": types}
 
 
 def deck(run_dir, data_file, *, ensemble: str, temperature: float, dt: float, seed: int, damp: float,
@@ -111,9 +122,10 @@ def deck(run_dir, data_file, *, ensemble: str, temperature: float, dt: float, se
     seed = seed + 1  # LAMMPS seeds must be positive
     thermostat = (f"fix lang all langevin {temperature} {temperature} {damp} {seed} zero yes"
                   if ensemble == "nvt" else "")  # fmt: skip
+    dump_file = pathlib.Path(run_dir).absolute() / "traj.lammpstrj"
     text = string.Template(TEMPLATE.read_text()).substitute(
-        data=data_file, boundary=boundary, fix_id=FIX_ID, temperature=temperature, seed=seed, dt=dt,
-        thermostat=thermostat, thermo=thermo_every, dump_every=dump_every, sort_every=sort_every,
+        data=data_file, dump_file=dump_file, boundary=boundary, fix_id=FIX_ID, temperature=temperature,
+        seed=seed, dt=dt, thermostat=thermostat, thermo=thermo_every, dump_every=dump_every, sort_every=sort_every,
     )  # fmt: skip
     pathlib.Path(run_dir, "in.lammps").write_text(text)
     return text
@@ -197,24 +209,28 @@ def _callback(lmp, ff: ForceField, stats: Stats):
 
 def system(meta: dict, copies: int = 1, spacing: float = 60.0, protein: int = 0, positions=None):
     """(positions [N, 3] in tag order, resnames, species, chains, masses by name) for `copies`
-    copies of the artifact's protein on a line `spacing` Å apart (positions default: the
+    copies of the artifact's protein on a cubic grid `spacing` Å apart (positions default: the
     folded structure stored in the metadata)."""
     p = meta["proteins"][protein]
     x = np.asarray(positions if positions is not None else p["folded"], np.float64)
     x = x - x.mean(0)
-    xs = np.concatenate([x + np.array([k * spacing, 0.0, 0.0]) for k in range(copies)])
+    side = int(np.ceil(copies ** (1 / 3) - 1e-9))
+    grid = [np.array([i, j, k]) * spacing for i in range(side) for j in range(side) for k in range(side)]
+    xs = np.concatenate([x + o for o in grid[:copies]])
     resnames = p["resnames"] * copies
     species = [meta["species"][r] for r in resnames]
     return xs, resnames, np.asarray(species, np.int32), [p["n_beads"]] * copies, meta["species_masses"]
 
 
-def run(folder, run_dir, *, data_file=None, copies=1, positions=None, ensemble="nvt", temperature=300.0,
-        dt=2.0, steps=1000, seed=0, damp=500.0, thermo_every=100, dump_every=1000, chunk=1000, shuffle=True,
-        sort_every=1000) -> dict:  # fmt: skip
-    """Run LAMMPS with the exported model; returns thermo rows, timing and callback share.
+@contextlib.contextmanager
+def session(folder, run_dir, *, data_file=None, copies=1, positions=None, ensemble="nvt", temperature=300.0,
+            dt=2.0, seed=0, damp=500.0, thermo_every=100, dump_every=1000, shuffle=True, sort_every=1000):  # fmt: skip
+    """A LAMMPS instance set up with the exported model (deck read, callback installed, not run):
+    yields (lmp, stats, info).
 
     With `data_file` given it is checked against the artifact (bead count a multiple of the
-    protein's, species map by type labels) and used as is; otherwise one is written."""
+    protein's; type labels = the artifact's species map) and used as is; otherwise one is
+    written, its atoms listed in a shuffled order when `shuffle`."""
     folder, run_dir = pathlib.Path(folder), pathlib.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _, meta = export.load(folder)
@@ -228,6 +244,11 @@ def run(folder, run_dir, *, data_file=None, copies=1, positions=None, ensemble="
             export.load(folder, head["species"])
         copies = head["atoms"] // nb
         x, resnames, species, chains, masses = system(meta, copies)
+        if head["species"] and not np.array_equal(head["types"], species):
+            k = int(np.flatnonzero(head["types"] != species)[0])
+            raise LammpsError(f"{data_file}: atom {k + 1} has type {head['types'][k] + 1}; the export's "
+                              f"{meta['proteins'][0]['domain']} needs {species[k] + 1} there (atoms in tag order, "
+                              f"copies of the protein one after another)")  # fmt: skip
     else:
         x, resnames, species, chains, masses = system(meta, copies, positions=positions)
         order = np.random.default_rng(seed).permutation(len(x)) if shuffle else None
@@ -243,31 +264,82 @@ def run(folder, run_dir, *, data_file=None, copies=1, positions=None, ensemble="
         if lmp.extract_setting("world_size") != 1:
             raise LammpsError("molgen.cg.lammps runs LAMMPS on one MPI rank (the callback needs every atom)")
         boundary = "p p p" if meta.get("box") else "s s s"
-        text = deck(run_dir, data_file, ensemble=ensemble, temperature=temperature, dt=dt, seed=seed, damp=damp,
-                    thermo_every=thermo_every, dump_every=dump_every, boundary=boundary, sort_every=sort_every)  # fmt: skip
+        text = deck(run_dir, data_file, ensemble=ensemble, temperature=temperature, dt=dt, seed=seed,
+                    damp=damp, thermo_every=thermo_every, dump_every=dump_every, boundary=boundary,
+                    sort_every=sort_every)  # fmt: skip
         lmp.commands_string(text)
         lmp.set_fix_external_callback(FIX_ID, _callback(lmp, ff, stats))
-        rows, t0, done = [], time.perf_counter(), 0
-        while done < steps or (steps == 0 and done == 0):
-            k = min(chunk, steps - done)
-            lmp.command(f"run {k} pre {'yes' if done == 0 else 'no'} post no")
-            done += k
-            if stats.error is not None:
-                raise LammpsError(f"{run_dir}: stopped at step {done}: {stats.error}") from stats.error
-            rows.append(_thermo(lmp))
-            if steps == 0:
-                break
-        wall = time.perf_counter() - t0
-        with open(run_dir / "in.lammps", "a") as fh:
-            fh.write(f"run {steps}\n")
-        out = {"steps": steps, "dt_fs": dt, "beads": len(x), "copies": copies, "wall_s": wall,
-               "steps_per_s": steps / wall if steps else 0.0, "ns_per_day": steps * dt * 1e-6 / wall * 86400 if steps
-               else 0.0, "callback_s": stats.seconds, "callback_share": stats.seconds / wall if steps else 0.0,
-               "callback_calls": stats.calls, "ensemble": ensemble, "temperature": temperature, "thermo": rows}  # fmt: skip
-        (run_dir / "run.json").write_text(json.dumps(out, indent=2))
-        return out
+        yield lmp, stats, {"beads": len(x), "copies": copies, "chains": chains, "ff": ff, "meta": meta}
     finally:
         lmp.close()
+
+
+def advance(lmp, stats, steps: int, first: bool, where=""):
+    """`run steps`; raises LammpsError if the callback failed during it."""
+    lmp.command(f"run {steps} pre {'yes' if first else 'no'} post no")
+    if stats.error is not None:
+        raise LammpsError(f"{where}stopped: {stats.error}") from stats.error
+
+
+def run(folder, run_dir, *, steps=1000, chunk=1000, **kw) -> dict:
+    """Run LAMMPS with the exported model (`session` arguments); returns the thermo rows per
+    chunk, timing, ns/day and the callback's share of the wall time (also in run.json)."""
+    run_dir = pathlib.Path(run_dir)
+    with session(folder, run_dir, **kw) as (lmp, stats, info):
+        rows, t0, done = [], time.perf_counter(), 0
+        advance(lmp, stats, 0, True, f"{run_dir}: step 0: ")
+        rows.append(_thermo(lmp))
+        t0, c0 = time.perf_counter(), stats.seconds
+        while done < steps:
+            k = min(chunk, steps - done)
+            advance(lmp, stats, k, False, f"{run_dir}: steps {done}-{done + k}: ")
+            done += k
+            rows.append(_thermo(lmp))
+        wall = time.perf_counter() - t0
+    with open(run_dir / "in.lammps", "a") as fh:
+        fh.write(f"run {steps}\n")
+    rows = read_thermo(run_dir / "log.lammps") or rows
+    dt = kw.get("dt", 2.0)
+    cb = stats.seconds - c0
+    wall = max(wall, 1e-9)
+    out = {"steps": steps, "dt_fs": dt, "beads": info["beads"], "copies": info["copies"], "wall_s": wall,
+           "steps_per_s": steps / wall, "ns_per_day": steps * dt * 1e-6 / wall * 86400, "callback_s": cb,
+           "callback_share": cb / wall, "ensemble": kw.get("ensemble", "nvt"),
+           "temperature": kw.get("temperature", 300.0), "thermo": rows}  # fmt: skip
+    (run_dir / "run.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+def received_forces(folder, run_dir, positions, *, seed=0, steps=0, sort_every=1000, dt=2.0, temperature=300.0):
+    """(positions, forces, local tags) after `run steps` from `positions`: what LAMMPS holds,
+    put back in tag order. With steps > 0 and sort_every 1, LAMMPS re-sorts its atoms."""
+    with session(folder, run_dir, positions=positions, seed=seed, sort_every=sort_every, dt=dt,
+                 temperature=temperature, ensemble="nve") as (lmp, stats, info):  # fmt: skip
+        advance(lmp, stats, steps, True, f"{run_dir}: ")
+        tags = np.asarray(lmp.numpy.extract_atom("id")).reshape(-1).copy()
+        n = info["beads"]
+        x, f = np.empty((n, 3)), np.empty((n, 3))
+        x[tags[:n] - 1] = np.asarray(lmp.numpy.extract_atom("x"))[:n]
+        f[tags[:n] - 1] = np.asarray(lmp.numpy.extract_atom("f"))[:n]
+    return x, f, tags[:n]
+
+
+def read_thermo(path) -> list[dict]:
+    """Every thermo row of a LAMMPS log (step, time, temp, pe, ke, etotal, press), one per step."""
+    rows, cols = {}, None
+    for line in pathlib.Path(path).read_text().splitlines():
+        words = line.split()
+        if words[:2] == ["Step", "Time"]:
+            cols = words
+            continue
+        if cols is None:
+            continue
+        if len(words) != len(cols) or not words[0].lstrip("-").isdigit():
+            cols = None
+            continue
+        v = dict(zip(("step", "time", "temp", "pe", "ke", "etotal", "press"), map(float, words), strict=True))
+        rows[int(v["step"])] = v
+    return [rows[k] for k in sorted(rows)]
 
 
 def _thermo(lmp) -> dict:

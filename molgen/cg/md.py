@@ -1,0 +1,141 @@
+"""CG molecular dynamics in JAX (jax-md), the in-JAX baseline for the LAMMPS path.
+
+Units are LAMMPS `real`: Å, fs, kcal/mol, amu. jax-md integrates a = F / m, so masses enter as
+m / ACCEL (ACCEL converts kcal/mol/Å/amu to Å/fs²). The loop is fully jitted: `record_every`
+steps run inside `lax.fori_loop`, each updating the jax-md neighbour list (radius cutoff +
+skin, rebuilt only when a bead moved more than skin / 2); the host only sees the recorded
+frames and the overflow flag, and on an overflow it reallocates and repeats the chunk.
+
+`python_loop` is the plain reference: velocity Verlet in numpy around the jitted force function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax_md import partition, simulate, space
+
+from molgen.cg import export, neighbors, priors, train
+from molgen.cg.priors import KB
+
+ACCEL = 4.184e-4  # (kcal/mol/Å) / amu in Å/fs²
+
+
+@dataclasses.dataclass(frozen=True)
+class System:
+    positions: np.ndarray  # [N, 3] Å, tag order
+    species: np.ndarray  # [N]
+    masses: np.ndarray  # [N] amu
+    chains: list
+
+
+def make_system(meta: dict, copies: int = 1, spacing: float = 60.0, positions=None) -> System:
+    from molgen.cg import lammps
+
+    x, resnames, species, chains, masses = lammps.system(meta, copies, spacing, positions=positions)
+    return System(x, species, np.asarray([masses[r] for r in resnames]), chains)
+
+
+def energy_factory(model, nn_params, prior_params, sys: System, skin: float = 2.0, capacity_multiplier=1.5):
+    """(energy(x, nbrs), neighbour_fn) of the whole system (free space; copies are chains)."""
+    cutoff = float(model.net.cutoff)
+    displacement, _ = space.free()
+    fn = partition.neighbor_list(displacement, 1.0, cutoff + skin, dr_threshold=skin,
+                                 capacity_multiplier=capacity_multiplier, disable_cell_list=True,
+                                 format=partition.Sparse)  # fmt: skip
+    topo = {k: jnp.asarray(v) for k, v in priors.topology(len(sys.positions), sys.chains).items()}
+    pp = priors.as_jax(prior_params)
+    species = jnp.asarray(sys.species)
+    mask = jnp.ones(len(sys.positions), bool)
+
+    def energy(x, neighbor):
+        edges = neighbors.edges(neighbor.idx, x.shape[0])
+        return train.graph_energy(model, nn_params, pp, x, species, mask, edges, topo)[0]
+
+    return energy, fn
+
+
+def run(model, nn_params, prior_params, sys: System, *, ensemble="nvt", temperature=300.0, dt=2.0, steps=1000,
+        gamma=1 / 500.0, seed=0, record_every=100):  # fmt: skip
+    """Fully jitted jax-md MD; returns (frames [steps // record_every, N, 3], energies, seconds)."""
+    energy, nfn = energy_factory(model, nn_params, prior_params, sys)
+    _, shift = space.free()
+    kT = KB * temperature
+    mass = jnp.asarray(sys.masses / ACCEL, jnp.float32)[:, None]
+    if ensemble == "nvt":
+        init, apply = simulate.nvt_langevin(energy, shift, dt, kT, gamma=gamma)
+    elif ensemble == "nve":
+        init, apply = simulate.nve(energy, shift, dt)
+    else:
+        raise ValueError(f"ensemble must be 'nve' or 'nvt', got {ensemble!r}")
+    x0 = jnp.asarray(sys.positions, jnp.float32)
+    nbrs = nfn.allocate(x0)
+    state = init(jax.random.key(seed), x0, mass=mass, kT=kT, neighbor=nbrs)
+
+    def make_chunk(nfn):
+        @jax.jit
+        def chunk(state, nbrs):
+            def body(_, carry):
+                s, nb = carry
+                s = apply(s, neighbor=nb)
+                return s, nfn.update(s.position, nb)
+
+            state, nbrs = jax.lax.fori_loop(0, record_every, body, (state, nbrs))
+            ke = 0.5 * jnp.sum(state.mass * state.momentum**2 / state.mass**2)
+            return state, nbrs, energy(state.position, nbrs), ke
+
+        return chunk
+
+    chunk = make_chunk(nfn)
+    frames, energies = [], []
+    t0, compiled = time.perf_counter(), None
+    for _ in range(max(1, steps // record_every)):
+        new_state, new_nbrs, pe, ke = chunk(state, nbrs)
+        if bool(new_nbrs.did_buffer_overflow):  # grow the list and redo the chunk from its start
+            nbrs = nfn.allocate(state.position, extra_capacity=int(nbrs.idx.shape[1] * 0.5))
+            continue
+        state, nbrs = new_state, new_nbrs
+        if compiled is None:
+            compiled = time.perf_counter()
+        frames.append(np.asarray(state.position))
+        energies.append((float(pe), float(ke)))
+    wall = time.perf_counter() - (compiled or t0)
+    timed_steps = (len(frames) - 1) * record_every
+    return np.stack(frames), np.asarray(energies), {"seconds": wall, "timed_steps": timed_steps}
+
+
+def python_loop(ff, sys: System, *, dt=2.0, steps=100, temperature=300.0, seed=0):
+    """Velocity Verlet (NVE) in numpy around `ff(positions) -> (energy, forces, virial)`."""
+    rng = np.random.default_rng(seed)
+    m = sys.masses[:, None] / ACCEL
+    x = np.asarray(sys.positions, np.float64)
+    v = rng.normal(size=x.shape) * np.sqrt(KB * temperature / m)
+    _, f, _ = ff(x)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        v += 0.5 * dt * f / m
+        x = x + dt * v
+        _, f, _ = ff(x)
+        v += 0.5 * dt * f / m
+    return x, time.perf_counter() - t0
+
+
+def jitted_forces(model, nn_params, prior_params, sys: System):
+    """ff(positions) -> (energy, forces, virial) with the export's graph convention, jitted in
+    this process (no serialization): the force function the Python loop calls."""
+    f = jax.jit(export.energy_fn(model, nn_params, prior_params))
+    topo = export.topology_arrays(sys.chains)
+    cutoff = float(model.net.cutoff)
+
+    def ff(x):
+        from molgen.cg import lammps
+
+        snd, rcv = lammps.neighbour_pairs(x, cutoff)
+        e, forces, w = f(jnp.asarray(x, jnp.float32), jnp.asarray(sys.species), snd, rcv, topo)
+        return float(e), np.asarray(forces, np.float64), np.asarray(w)
+
+    return ff
