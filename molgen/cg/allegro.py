@@ -13,6 +13,11 @@ Readout: an energy per edge from x_ij, summed into per-bead and total energies.
 Edges come from a padded sparse neighbour list; entries with `valid` False (padding, or pairs
 touching a padded bead) contribute nothing, and their geometry is replaced before any
 division, so they cannot produce NaN in values or gradients.
+
+`inner_cutoff` (set by the training driver to the shortest pair distance in the training data)
+fades out edges shorter than any the network was fitted on: a trained network extrapolates
+freely there, and in MD it can pull beads together without bound, while the priors' walls are
+built for exactly that region.
 """
 
 from __future__ import annotations
@@ -25,6 +30,14 @@ import jax
 import jax.numpy as jnp
 
 from molgen.cg import geometry
+
+
+def inner_switch(r, inner: float, width: float):
+    """C2 smoothstep: 0 below inner - width, 1 above inner. Multiplied into the envelope, it
+    removes a neighbour closer than the training data ever had from every edge feature and
+    energy, so that at such distances the physics priors alone set the energy."""
+    t = jnp.clip((r - (inner - width)) / width, 0.0, 1.0)
+    return t**3 * (t * (6.0 * t - 15.0) + 10.0)
 
 
 def _mlp(features, depth, width, name):
@@ -51,6 +64,8 @@ class Allegro(nn.Module):
     embed: int = 16
     mlp_depth: int = 2
     avg_neighbors: float = 20.0
+    inner_cutoff: float = 0.0  # > 0: edges shorter than this fade out (see `inner_switch`)
+    inner_width: float = 1.0
 
     @nn.compact
     def __call__(self, positions_Nx3, species_N, centres_E, neighbours_E, valid_E, displacement=None):
@@ -65,7 +80,10 @@ class Allegro(nn.Module):
         live = valid_E & (r > 1e-6) & (r < self.cutoff)
         vec = jnp.where(live[:, None], vec, jnp.array([1.0, 0.0, 0.0]))
         r = jnp.where(live, r, 1.0)
-        u = jnp.where(live, e3nn.poly_envelope(5, 2, self.cutoff)(r), 0.0)[:, None]  # [E, 1]
+        u = e3nn.poly_envelope(5, 2, self.cutoff)(r)
+        if self.inner_cutoff > 0:
+            u = u * inner_switch(r, self.inner_cutoff, self.inner_width)
+        u = jnp.where(live, u, 0.0)[:, None]  # [E, 1]
 
         irreps_y = e3nn.Irreps.spherical_harmonics(self.lmax)
         y = e3nn.spherical_harmonics(irreps_y, vec, normalize=True, normalization="component")

@@ -58,6 +58,10 @@ def load_trained(workdir: str):
         if not (wd / name).exists():
             raise FileNotFoundError(f"{wd}: no {name}; is this a finished CG training workdir?")
     config = ml_collections.ConfigDict(json.loads((wd / "config.json").read_text()))
+    if (wd / "model.json").exists():  # values the training resolved from its data
+        config.model.inner_cutoff = json.loads((wd / "model.json").read_text())["inner_cutoff"]
+    elif config.model.get("inner_cutoff", 0.0) < 0:
+        raise FileNotFoundError(f"{wd}: no model.json, so model.inner_cutoff=auto cannot be resolved")
     ens = json.loads((wd / "ensemble.json").read_text())
     best = int(ens["best_seed"])
     stages = [s for s in ("stage1", "stage2") if config.stages[s].enabled]
@@ -69,6 +73,7 @@ def load_trained(workdir: str):
     net = allegro.Allegro(
         n_species=20, cutoff=mc.cutoff, n_basis=mc.n_basis, n_layers=mc.n_layers, latent=mc.latent,
         channels=mc.channels, lmax=mc.lmax, embed=mc.embed, mlp_depth=mc.mlp_depth, avg_neighbors=mc.avg_neighbors,
+        inner_cutoff=float(mc.get("inner_cutoff", 0.0)), inner_width=float(mc.get("inner_width", 1.0)),
     )  # fmt: skip
     x = jnp.asarray(np.arange(12, dtype=np.float32).reshape(4, 3))
     template = jax.eval_shape(lambda: net.init(jax.random.key(0), x, jnp.zeros(4, jnp.int32), *_pairs(4))["params"])

@@ -124,14 +124,16 @@ def pipeline(source, *, global_batch, seed, streams, n_streams, train=True):
     )
 
 
-def max_pairs(positions_FxNx3, mask_FxN, cutoff: float) -> int:
-    """The largest number of directed pairs within the cutoff in any frame (host, exact)."""
-    best = 0
+def pair_stats(positions_FxNx3, mask_FxN, cutoff: float) -> tuple[int, float]:
+    """(largest number of directed pairs within the cutoff in any frame, shortest pair distance
+    in any frame) over real beads (host, exact)."""
+    best, shortest = 0, np.inf
     for x, m in zip(positions_FxNx3, mask_FxN, strict=True):
         x = x[m]
         d = np.linalg.norm(x[:, None] - x[None], axis=-1)
         best = max(best, int((d < cutoff).sum() - len(x)))
-    return best
+        shortest = min(shortest, float(d[np.triu_indices(len(x), 1)].min()))
+    return best, shortest
 
 
 # ----------------------------------------------------------------------------- model
@@ -171,6 +173,7 @@ def make_model(config, n_max: int, capacity: int, example_positions) -> Model:
     net = allegro.Allegro(
         n_species=20, cutoff=mc.cutoff, n_basis=mc.n_basis, n_layers=mc.n_layers, latent=mc.latent,
         channels=mc.channels, lmax=mc.lmax, embed=mc.embed, mlp_depth=mc.mlp_depth, avg_neighbors=mc.avg_neighbors,
+        inner_cutoff=_inner(mc), inner_width=float(mc.get("inner_width", 1.0)),
     )  # fmt: skip
     box = float(mc.get("box", 0.0))
     fn = neighbors.neighbor_fn(mc.cutoff, box=box or None)
@@ -195,6 +198,32 @@ def graph_energy(model: Model, nn_params, prior_params, positions, species, mask
         e_bead = model.net.apply({"params": nn_params}, positions, species, c, n, v, displacement=disp)
         terms["allegro"] = jnp.sum(e_bead * mask)
     return sum(terms.values()), terms
+
+
+def _inner(mc) -> float:
+    v = float(mc.get("inner_cutoff", 0.0))
+    if v < 0:
+        raise ValueError("model.inner_cutoff < 0 (auto) must be resolved from the data first (train_and_evaluate)")
+    return v
+
+
+def resolve_model_config(config, workdir, splits) -> tuple:
+    """(config with model.inner_cutoff resolved, neighbour capacity), both from every frame of
+    the dataset and saved in <workdir>/model.json, which export.load_trained reads back."""
+    mc = config.model
+    all_pos = np.concatenate([splits[s]["positions"] for s in data.SPLITS])
+    all_mask = np.concatenate([splits[s]["mask"] for s in data.SPLITS])
+    pairs, shortest = pair_stats(all_pos, all_mask, mc.cutoff)
+    capacity = int(pairs * mc.capacity_multiplier) + 8
+    inner = float(mc.get("inner_cutoff", 0.0))
+    if inner < 0:
+        inner = round(shortest, 3)
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        config.model.inner_cutoff = inner
+    loop.write_json(workdir, "model.json", {"inner_cutoff": inner, "shortest_pair_distance": shortest,
+                                            "capacity": capacity, "n_max": int(all_pos.shape[1])})  # fmt: skip
+    return config, capacity
 
 
 def frame_energy(model: Model, nn_params, prior_params, positions, species, mask, use_net=True, strain=None):
@@ -311,7 +340,10 @@ def _from_free(z):
 
 def lbfgs_priors(config, workdir, model: Model, params, train) -> dict:
     """Refine the prior parameters alone on the force-matching loss with optax L-BFGS (positive
-    parameters through their logarithms, see POSITIVE)."""
+    parameters through their logarithms, see POSITIVE). Only `stages.lbfgs.terms` are refined:
+    by default the bonded terms. The repulsive and excluded-volume walls keep their Boltzmann-
+    inversion fit, because force matching on equilibrium frames, which never reach the walls,
+    shrinks them to nothing (sigma 5.8 -> 0.015 Å on villin) and MD then collapses."""
     path = pathlib.Path(workdir) / "priors_lbfgs.json"
     if path.exists():
         return priors.load(str(path))
@@ -319,10 +351,12 @@ def lbfgs_priors(config, workdir, model: Model, params, train) -> dict:
     idx = np.random.default_rng(config.train.seed).permutation(len(train["positions"]))[: lc.frames]
     x, s, m, f_ref = (jnp.asarray(train[k][idx]) for k in ("positions", "species", "mask", "forces"))
     mm = m[..., None].astype(jnp.float32)
-    z0 = _to_free(priors.as_jax(params))
+    p_all = priors.as_jax(params)
+    terms = tuple(lc.get("terms", priors.TERMS))
+    z0 = _to_free({t: v for t, v in p_all.items() if t in terms})
 
     def loss(z):
-        p = _from_free(z)
+        p = {**p_all, **_from_free(z)}
         f = jax.vmap(lambda a, b, c: frame_forces(model, None, p, a, b, c, use_net=False)[1])(x, s, m)
         return jnp.sum(mm * (f - f_ref) ** 2) / (jnp.sum(mm) * 3)
 
@@ -344,7 +378,7 @@ def lbfgs_priors(config, workdir, model: Model, params, train) -> dict:
         log.warning("L-BFGS prior refinement gave force MSE %.4g vs %.4g before; keeping the fit", end, start)
         z = z0
     log.info("L-BFGS priors: force MSE %.4g -> %.4g on %d frames", start, min(start, end), len(idx))
-    out = jax.tree.map(lambda a: np.asarray(a).tolist(), _from_free(z))
+    out = jax.tree.map(lambda a: np.asarray(a).tolist(), {**p_all, **_from_free(z)})
     if jax.process_index() == 0:
         priors.save(out, str(path))
     return out
@@ -496,9 +530,7 @@ def train_and_evaluate(config, workdir: str):
     src = builder.as_data_source()
     splits = {s: load_split(src[s]) for s in data.SPLITS}
     n_max = splits["train"]["positions"].shape[1]
-    all_pos = np.concatenate([splits[s]["positions"] for s in data.SPLITS])
-    all_mask = np.concatenate([splits[s]["mask"] for s in data.SPLITS])
-    capacity = int(max_pairs(all_pos, all_mask, config.model.cutoff) * config.model.capacity_multiplier) + 8
+    config, capacity = resolve_model_config(config, workdir, splits)
     model = make_model(config, n_max, capacity, splits["train"]["positions"][0])
     prior_params = fit_priors(config, workdir, splits["train"])
     if config.stages.lbfgs.enabled:
