@@ -46,17 +46,19 @@ def _params(x, spc):
     return NET.init(jax.random.key(0), x, spc, *neighbors.edges(jnp.zeros((2, 1), jnp.int32) + 16, 16))
 
 
-def test_allegro_is_e3_equivariant_with_the_e3nn_helper():
+@pytest.mark.parametrize("env_norm", ["avg", "count"])
+def test_allegro_is_e3_equivariant_with_the_e3nn_helper(env_norm):
     """Per-bead energies invariant, forces equivariant under rotations and inversion (the
-    helper draws R = -rotation)."""
+    helper draws R = -rotation), with either environment normalisation."""
     x, spc, mask = _frame()
-    params = _params(x, spc)
+    net = NET.clone(env_norm=env_norm)
+    params = net.init(jax.random.key(0), x, spc, *neighbors.edges(jnp.zeros((2, 1), jnp.int32) + 16, 16))
     pairs = np.stack(np.nonzero(~np.eye(16, dtype=bool)))
     c, n = jnp.asarray(pairs[0]), jnp.asarray(pairs[1])
     v = mask[c] & mask[n]
 
     def fn(pos: e3nn.IrrepsArray):
-        e_bead = lambda y: NET.apply(params, y, spc, c, n, v) * mask  # noqa: E731
+        e_bead = lambda y: net.apply(params, y, spc, c, n, v) * mask  # noqa: E731
         e, g = e_bead(pos.array), jax.grad(lambda y: e_bead(y).sum())(pos.array)
         return e3nn.concatenate([e3nn.IrrepsArray("0e", e[:, None]), e3nn.IrrepsArray("1o", -g)], axis=-1)
 

@@ -18,6 +18,12 @@ division, so they cannot produce NaN in values or gradients.
 fades out edges shorter than any the network was fitted on: a trained network extrapolates
 freely there, and in MD it can pull beads together without bound, while the priors' walls are
 built for exactly that region.
+
+`env_norm="count"` divides each environment sum by 1 + the bead's smooth neighbour count, so
+the environment is a weighted mean and every per-edge feature and energy stays bounded however
+dense the configuration: with the usual 1/sqrt(avg neighbours) a compacting protein sees its
+environments, their tensor products and the network energy grow without bound, a funnel MD
+falls into.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ class Allegro(nn.Module):
     avg_neighbors: float = 20.0
     inner_cutoff: float = 0.0  # > 0: edges shorter than this fade out (see `inner_switch`)
     inner_width: float = 1.0
+    env_norm: str = "avg"  # "avg": divide env sums by sqrt(avg_neighbors); "count": by 1 + sum of envelopes
 
     @nn.compact
     def __call__(self, positions_Nx3, species_N, centres_E, neighbours_E, valid_E, displacement=None):
@@ -93,7 +100,12 @@ class Allegro(nn.Module):
         x = jnp.concatenate([basis, emb[centres_E], emb[neighbours_E]], axis=-1)
         x = _mlp(self.latent, self.mlp_depth, self.latent, "two_body")(x) * u
         v = _per_l(y, nn.Dense(self.channels * n_l, name="v0")(x).reshape(-1, self.channels, n_l))
-        norm = 1.0 / math.sqrt(self.avg_neighbors)
+        if self.env_norm == "avg":
+            norm = jnp.full((n, 1, 1), 1.0 / math.sqrt(self.avg_neighbors))
+        elif self.env_norm == "count":
+            norm = 1.0 / (1.0 + jax.ops.segment_sum(u[:, 0], centres_E, num_segments=n))[:, None, None]
+        else:
+            raise ValueError(f"env_norm must be 'avg' or 'count', got {self.env_norm!r}")
         for layer in range(self.n_layers):
             w = nn.Dense(self.channels * n_l, name=f"env_{layer}")(x).reshape(-1, self.channels, n_l)
             env_edge = _per_l(y, w).array * u[:, :, None]

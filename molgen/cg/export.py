@@ -50,7 +50,7 @@ def load_trained(workdir: str):
     training run: the best ensemble member's parameters after its last enabled stage."""
     import ml_collections
 
-    from molgen.cg import allegro, priors, train
+    from molgen.cg import priors, train
     from molgen.core import checkpoint
 
     wd = pathlib.Path(workdir)
@@ -70,11 +70,7 @@ def load_trained(workdir: str):
     vmapped = config.ensemble.get("vmap", False) and config.ensemble.seeds > 1
     run_dir = wd / ("ensemble" if vmapped else f"seed_{best}") / stages[-1]
     mc = config.model
-    net = allegro.Allegro(
-        n_species=20, cutoff=mc.cutoff, n_basis=mc.n_basis, n_layers=mc.n_layers, latent=mc.latent,
-        channels=mc.channels, lmax=mc.lmax, embed=mc.embed, mlp_depth=mc.mlp_depth, avg_neighbors=mc.avg_neighbors,
-        inner_cutoff=float(mc.get("inner_cutoff", 0.0)), inner_width=float(mc.get("inner_width", 1.0)),
-    )  # fmt: skip
+    net = train.make_net(mc, float(mc.get("inner_cutoff", 0.0)))
     x = jnp.asarray(np.arange(12, dtype=np.float32).reshape(4, 3))
     template = jax.eval_shape(lambda: net.init(jax.random.key(0), x, jnp.zeros(4, jnp.int32), *_pairs(4))["params"])
     if vmapped:

@@ -44,8 +44,11 @@ def energy_factory(model, nn_params, prior_params, sys: System, skin: float = 2.
     """(energy(x, nbrs), neighbour_fn) of the whole system (free space; copies are chains)."""
     cutoff = float(model.net.cutoff)
     displacement, _ = space.free()
-    fn = partition.neighbor_list(displacement, 1.0, cutoff + skin, dr_threshold=skin,
-                                 capacity_multiplier=capacity_multiplier, disable_cell_list=True,
+    # a cell list over the system's extent (plus room to move) once all-pairs candidates cost more
+    # than the model; positions outside it only hash into wrapped cells (more candidates, same pairs)
+    extent = float(np.ptp(sys.positions, axis=0).max()) + 4 * (cutoff + skin)
+    fn = partition.neighbor_list(displacement, extent, cutoff + skin, dr_threshold=skin,
+                                 capacity_multiplier=capacity_multiplier, disable_cell_list=len(sys.positions) < 512,
                                  format=partition.Sparse)  # fmt: skip
     topo = {k: jnp.asarray(v) for k, v in priors.topology(len(sys.positions), sys.chains).items()}
     pp = priors.as_jax(prior_params)

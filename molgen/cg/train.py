@@ -168,13 +168,18 @@ class Model:
         return jnp.mod(positions, self.box) if self.box else positions
 
 
-def make_model(config, n_max: int, capacity: int, example_positions) -> Model:
-    mc = config.model
-    net = allegro.Allegro(
+def make_net(mc, inner_cutoff: float) -> allegro.Allegro:
+    """The Allegro network of a `model` config group (the inner cutoff already resolved)."""
+    return allegro.Allegro(
         n_species=20, cutoff=mc.cutoff, n_basis=mc.n_basis, n_layers=mc.n_layers, latent=mc.latent,
         channels=mc.channels, lmax=mc.lmax, embed=mc.embed, mlp_depth=mc.mlp_depth, avg_neighbors=mc.avg_neighbors,
-        inner_cutoff=_inner(mc), inner_width=float(mc.get("inner_width", 1.0)),
+        env_norm=mc.get("env_norm", "avg"), inner_cutoff=inner_cutoff, inner_width=float(mc.get("inner_width", 1.0)),
     )  # fmt: skip
+
+
+def make_model(config, n_max: int, capacity: int, example_positions) -> Model:
+    mc = config.model
+    net = make_net(mc, _inner(mc))
     box = float(mc.get("box", 0.0))
     fn = neighbors.neighbor_fn(mc.cutoff, box=box or None)
     x0 = jnp.mod(jnp.asarray(example_positions), box) if box else jnp.asarray(example_positions)
