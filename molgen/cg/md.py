@@ -40,7 +40,7 @@ def make_system(meta: dict, copies: int = 1, spacing: float = 60.0, positions=No
     return System(x, species, np.asarray([masses[r] for r in resnames]), chains)
 
 
-def energy_factory(model, nn_params, prior_params, sys: System, skin: float = 2.0, capacity_multiplier=1.5):
+def energy_factory(model, nn_params, prior_params, sys: System, skin: float = 0.5, capacity_multiplier=1.25):
     """(energy(x, nbrs), neighbour_fn) of the whole system (free space; copies are chains)."""
     cutoff = float(model.net.cutoff)
     displacement, _ = space.free()
