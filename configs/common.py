@@ -36,6 +36,12 @@ def train(**kw) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(cfg)
 
 
+def check_variant(variant: str, choices=("quick", "full")) -> str:
+    if variant not in choices:
+        raise ValueError(f"unknown variant {variant!r}; use {' or '.join(choices)}")
+    return variant
+
+
 def base(family: str) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
     cfg.family = family

@@ -26,9 +26,7 @@ def stage(name, lr, epochs, schedule, warmup_steps=0, **kw):
 
 
 def get_config(variant: str = "quick"):
-    if variant not in ("quick", "full"):
-        raise ValueError(f"unknown variant {variant!r}; use quick or full")
-    quick = variant == "quick"
+    quick = common.check_variant(variant) == "quick"
     cfg = common.base("cg")
     cfg.data = ml_collections.ConfigDict(
         dict(

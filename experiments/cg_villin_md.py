@@ -17,9 +17,7 @@ from configs import common
 
 
 def get_config(variant: str = "full"):
-    if variant not in ("quick", "full"):
-        raise ValueError(f"unknown variant {variant!r}; use quick or full")
-    quick = variant == "quick"
+    quick = common.check_variant(variant) == "quick"
     cfg = common.base("cg_md")
     cfg.md = ml_collections.ConfigDict(
         dict(

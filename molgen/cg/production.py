@@ -64,9 +64,9 @@ def read_dump(path) -> np.ndarray:
     return np.stack(frames)
 
 
-def force_check(config, workdir, folder, model_wd, splits) -> dict:
-    """Max |F_lammps - F_jax| / max |F_jax| per configuration."""
-    cfg, model, nnp, pp, _ = export.load_trained(model_wd)
+def force_check(config, workdir, folder, trained, splits) -> dict:
+    """Max |F_lammps - F_jax| / max |F_jax| per configuration; `trained`: export.load_trained's."""
+    cfg, _, nnp, pp, _ = trained
     test = splits["test"]
     rng = np.random.default_rng(config.md.seed)
     picks = rng.choice(len(test["positions"]), size=min(config.md.force_check.configs, len(test["positions"])),
@@ -153,13 +153,14 @@ def train_and_evaluate(config, workdir: str):
     _, meta = export.load(folder)
     protein = meta["proteins"][0]
     folded = np.asarray(protein["folded"])
-    cfg, *_ = export.load_trained(model_wd)
+    trained = export.load_trained(model_wd)
+    cfg = trained[0]
     src = data.build(cfg.data, cfg.data.data_dir).as_data_source()
     splits = {s: train.load_split(src[s]) for s in data.SPLITS}
     report = {"export": str(folder), "model_workdir": model_wd, "protein": protein["domain"],
               "beads": protein["n_beads"]}  # fmt: skip
     if mc.force_check.enabled:
-        fc = force_check(config, workdir, folder, model_wd, splits)
+        fc = force_check(config, workdir, folder, trained, splits)
         report["force_check"] = {k: v for k, v in fc.items() if k != "rows"}
     common = dict(dt=mc.dt, damp=mc.damp, thermo_every=mc.thermo_every, chunk=mc.chunk)
     if mc.nve.enabled:
