@@ -19,6 +19,9 @@ FAMILIES = {
     "lm": "molgen.lm.pretrain",
     "cg": "molgen.cg.train",
     "cg_md": "molgen.cg.production",
+    "crystal_vae": "molgen.crystal.train",
+    "crystal_ldm": "molgen.crystal.train",
+    "crystal_predictor": "molgen.crystal.train",
 }  # config.family -> module with train_and_evaluate(config, workdir)
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py).", lock_config=True)

@@ -30,7 +30,6 @@ import logging
 import os
 import pathlib
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,18 +109,10 @@ def noise_floor(config, workdir, split) -> dict:
     return out
 
 
-def _stream(source, stream, n_streams, rows, seed, train):
-    ds = streams_lib.device_stream(source, stream, n_streams, seed, train)
-    ds = ds.map(lambda ex: {k: np.asarray(ex[k]) for k in ("positions", "forces", "species", "mask")})
-    return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=8)).batch(rows, drop_remainder=True)
-
-
 def pipeline(source, *, global_batch, seed, streams, n_streams, train=True):
-    rows = streams_lib.rows_per_stream(global_batch, n_streams)
-    parts = [_stream(source, s, n_streams, rows, seed, train) for s in streams]
-    return grain.experimental.ZipIterDataset(parents=parts).map(
-        lambda xs: {k: np.concatenate([x[k] for x in xs]) for k in xs[0]}
-    )
+    keys = ("positions", "forces", "species", "mask")
+    return streams_lib.array_pipeline(source, keys, global_batch=global_batch, seed=seed, streams=streams,
+                                      n_streams=n_streams, train=train)  # fmt: skip
 
 
 def pair_stats(positions_FxNx3, mask_FxN, cutoff: float) -> tuple[int, float]:

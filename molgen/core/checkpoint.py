@@ -14,6 +14,7 @@ import pathlib
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger("molgen")
@@ -84,7 +85,8 @@ def restore_params(path: str, abstract_params):
             raise FileNotFoundError(f"init_from={path!r}: no checkpoint found under {p}")
         p = p / str(steps[0])
     target = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_params)}
-    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(), target)
+    # as host numpy arrays: the run that saved them may have used another device layout
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
     try:
         out = ocp.PyTreeCheckpointer().restore(
             p / "state", args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)

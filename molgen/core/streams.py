@@ -8,6 +8,7 @@ process layout.
 from __future__ import annotations
 
 import grain
+import numpy as np
 
 
 def rows_per_stream(global_batch: int, n_streams: int) -> int:
@@ -28,3 +29,20 @@ def device_stream(source, stream: int, n_streams: int, seed: int, train: bool) -
     if train:
         ds = ds.shuffle(seed=seed + 1009 * stream)
     return ds.repeat(None)
+
+
+def array_pipeline(source, keys, *, global_batch: int, seed: int, streams, n_streams: int, train: bool = True):
+    """This process's rows of the global batch for fixed-shape array records: one device stream
+    per entry of `streams` (the process's mesh indices), `keys` kept, concatenated in mesh order."""
+    rows = rows_per_stream(global_batch, n_streams)
+
+    def one(stream):
+        ds = device_stream(source, stream, n_streams, seed, train)
+        ds = ds.map(lambda ex: {k: np.asarray(ex[k]) for k in keys})
+        return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=8)).batch(
+            rows, drop_remainder=True
+        )
+
+    return grain.experimental.ZipIterDataset(parents=[one(s) for s in streams]).map(
+        lambda xs: {k: np.concatenate([x[k] for x in xs]) for k in xs[0]}
+    )

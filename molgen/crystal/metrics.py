@@ -1,0 +1,242 @@
+"""Sample metrics for generated crystals (host side; pymatgen, SMACT, scipy, optional CHGNet).
+
+Definitions (all rates are fractions of the samples drawn unless said otherwise):
+- structural validity: every interatomic distance > 0.5 Å and volume > 0.1 Å^3 (CDVAE);
+- compositional validity: `chem.crystal.composition_valid` (CDVAE's SMACT test, smact==3.2.0);
+- valid: both;
+- uniqueness: of the valid samples, the fraction not matching an earlier valid sample
+  (StructureMatcher stol 0.5, ltol 0.3, angle_tol 10);
+- novelty: of the unique valid samples, the fraction matching no training crystal;
+- Wasserstein distances of density (g/cm^3) and of the number of distinct elements between
+  the valid samples and the test set;
+- E_hull proxy: CHGNet (0.4.2, weights in the wheel) single-point energies per atom, against a
+  pymatgen PhaseDiagram of CHGNet energies of the training crystals plus elemental
+  references (see `elemental_references`); S.U.N. = valid, unique, novel and E_hull <= 0;
+  MSUN the same with E_hull <= 0.1 eV/atom. Samples with an element outside the hull's
+  elements count as not stable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+
+import numpy as np
+
+from molgen.chem import crystal as xtal
+
+log = logging.getLogger("molgen")
+
+
+def validity(crystals) -> tuple[np.ndarray, np.ndarray]:
+    struct = np.asarray([c is not None and xtal.structure_valid(c) for c in crystals], bool)
+    comp = np.asarray([c is not None and xtal.composition_valid(c.species) for c in crystals], bool)
+    return struct, comp
+
+
+def unique_novel(crystals, valid, train_index: xtal.MatchIndex) -> tuple[np.ndarray, np.ndarray]:
+    seen = xtal.MatchIndex()
+    unique = np.zeros(len(crystals), bool)
+    novel = np.zeros(len(crystals), bool)
+    for i, c in enumerate(crystals):
+        if not valid[i]:
+            continue
+        if not seen.contains(c):
+            unique[i] = True
+            novel[i] = not train_index.contains(c)
+        seen.add(c)
+    return unique, novel
+
+
+def wasserstein(samples, reference) -> dict:
+    from scipy.stats import wasserstein_distance
+
+    def props(cs):
+        return (np.asarray([xtal.density(c) for c in cs]), np.asarray([len(set(c.species.tolist())) for c in cs]))
+
+    if not samples:
+        return {"wdist_density": float("nan"), "wdist_n_elements": float("nan")}
+    ds, es = props(samples)
+    dr, er = props(reference)
+    return {
+        "wdist_density": float(wasserstein_distance(ds, dr)),
+        "wdist_n_elements": float(wasserstein_distance(es, er)),
+    }
+
+
+# ----------------------------------------------------------------------------- CHGNet hull
+
+
+def _chgnet():
+    try:
+        from chgnet.model import CHGNet
+    except ImportError as e:
+        raise ImportError("the E_hull proxy needs CHGNet: pip install -e '.[chgnet]' (torch==2.13.0 CPU)") from e
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return CHGNet.load(verbose=False)
+
+
+def chgnet_energies(crystals, model=None, batch: int = 64) -> np.ndarray:
+    """Energy per atom (eV) of each crystal (NaN where CHGNet fails on it)."""
+    model = model or _chgnet()
+    out = np.full(len(crystals), np.nan)
+    structs = [(i, xtal.to_structure(c)) for i, c in enumerate(crystals) if c is not None]
+    for s in range(0, len(structs), batch):
+        chunk = structs[s : s + batch]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                preds = model.predict_structure([x for _, x in chunk], task="e", batch_size=batch)
+            for (i, _), p in zip(chunk, preds, strict=True):
+                out[i] = float(p["e"])
+        except Exception:  # one bad structure spoils the batch: fall back to one at a time
+            for i, x in chunk:
+                try:
+                    out[i] = float(model.predict_structure(x, task="e")["e"])
+                except Exception:
+                    pass
+    return out
+
+
+PROTOTYPES = ("fcc", "bcc", "hcp", "sc", "diamond", "dimer")
+
+
+def _prototype(kind: str, z: int, d: float) -> xtal.Crystal:
+    """An elemental crystal with nearest-neighbour distance d (Å)."""
+    if kind == "fcc":
+        a = d * np.sqrt(2)
+        return xtal.Crystal(
+            0.5 * a * np.asarray([[0, 1, 1], [1, 0, 1], [1, 1, 0]], float), np.zeros((1, 3)), np.asarray([z])
+        )
+    if kind == "bcc":
+        a = 2 * d / np.sqrt(3)
+        return xtal.Crystal(
+            0.5 * a * np.asarray([[-1, 1, 1], [1, -1, 1], [1, 1, -1]], float), np.zeros((1, 3)), np.asarray([z])
+        )
+    if kind == "sc":
+        return xtal.Crystal(d * np.eye(3), np.zeros((1, 3)), np.asarray([z]))
+    if kind == "hcp":
+        lat = xtal.lattice_matrix([d, d, d * np.sqrt(8 / 3), 90, 90, 120])
+        return xtal.Crystal(lat, np.asarray([[1 / 3, 2 / 3, 0.25], [2 / 3, 1 / 3, 0.75]]), np.asarray([z, z]))
+    if kind == "diamond":
+        a = 4 * d / np.sqrt(3)
+        lat = 0.5 * a * np.asarray([[0, 1, 1], [1, 0, 1], [1, 1, 0]], float)
+        return xtal.Crystal(lat, np.asarray([[0, 0, 0], [0.25, 0.25, 0.25]]), np.asarray([z, z]))
+    if kind == "dimer":  # a diatomic molecule in a 10 Å box (O2, N2, halogens...)
+        return xtal.Crystal(10.0 * np.eye(3), np.asarray([[0, 0, 0], [d / 10.0, 0, 0]]), np.asarray([z, z]))
+    raise ValueError(kind)
+
+
+def elemental_references(elements, model=None) -> dict[int, float]:
+    """Lowest CHGNet energy per atom of each element over simple prototypes (fcc, bcc, hcp, sc,
+    diamond, and a dimer in a box), each at nearest-neighbour distances scanned around twice
+    the element's atomic radius. No MP elemental structures are on this machine; this is the
+    stated stand-in."""
+    from pymatgen.core.periodic_table import Element
+
+    model = model or _chgnet()
+    cands, owners = [], []
+    for z in elements:
+        r = Element.from_Z(int(z)).atomic_radius or 1.0
+        dimer_d = [0.9, 1.1, 1.3, 1.5, 2.0, 2.5]
+        for kind in PROTOTYPES:
+            for d in dimer_d if kind == "dimer" else 2 * float(r) * np.asarray([0.85, 0.92, 1.0, 1.08, 1.16]):
+                cands.append(_prototype(kind, int(z), float(d)))
+                owners.append(int(z))
+    e = chgnet_energies(cands, model)
+    out = {}
+    for z in set(owners):
+        vals = e[[i for i, o in enumerate(owners) if o == z]]
+        out[z] = float(np.nanmin(vals))
+    return out
+
+
+class Hull:
+    """CHGNet-energy phase diagram of training crystals plus elemental references."""
+
+    def __init__(self, train_crystals, model=None, cache: str = ""):
+        from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+        from pymatgen.core import Composition
+
+        self.model = model or _chgnet()
+        if cache and os.path.exists(cache):
+            d = json.loads(open(cache).read())
+            train_e, refs = np.asarray(d["train"], float), {int(k): v for k, v in d["refs"].items()}
+        else:
+            train_e = chgnet_energies(train_crystals, self.model)
+            elements = sorted({int(z) for c in train_crystals for z in c.species})
+            refs = elemental_references(elements, self.model)
+            if cache:
+                os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
+                with open(cache, "w") as f:
+                    json.dump({"train": [None if not np.isfinite(x) else x for x in train_e], "refs": refs}, f)
+            train_e = np.asarray([np.nan if x is None else x for x in train_e], float)
+        entries = []
+        for c, e in zip(train_crystals, train_e, strict=True):
+            if e is not None and np.isfinite(e):
+                entries.append(PDEntry(_comp(c.species), float(e) * len(c.species)))
+        for z, e in refs.items():
+            entries.append(PDEntry(Composition({_sym(z): 1}), float(e)))
+        self.elements = set(refs)
+        self.pd = PhaseDiagram(entries)
+
+    def e_above_hull(self, crystals) -> np.ndarray:
+        from pymatgen.analysis.phase_diagram import PDEntry
+
+        e = chgnet_energies(crystals, self.model)
+        out = np.full(len(crystals), np.nan)
+        for i, c in enumerate(crystals):
+            if c is None or not np.isfinite(e[i]) or not set(int(z) for z in c.species) <= self.elements:
+                continue
+            entry = PDEntry(_comp(c.species), float(e[i]) * len(c.species))
+            try:
+                out[i] = float(self.pd.get_e_above_hull(entry, allow_negative=True))
+            except Exception:
+                pass
+        return out
+
+
+def _sym(z: int) -> str:
+    from pymatgen.core.periodic_table import Element
+
+    return Element.from_Z(int(z)).symbol
+
+
+def _comp(species):
+    from collections import Counter
+
+    from pymatgen.core import Composition
+
+    return Composition({_sym(z): n for z, n in Counter(int(x) for x in species).items()})
+
+
+def evaluate(samples, train_crystals, test_crystals, hull: Hull | None = None) -> tuple[dict, dict]:
+    """(rates and distances, per-sample arrays) for a list of sampled crystals (None entries:
+    undecodable)."""
+    n = len(samples)
+    struct, comp = validity(samples)
+    valid = struct & comp
+    unique, novel = unique_novel(samples, valid, xtal.MatchIndex(train_crystals))
+    out = {
+        "n_samples": n,
+        "struct_valid": float(struct.mean()),
+        "comp_valid": float(comp.mean()),
+        "valid": float(valid.mean()),
+        "unique": float(unique.sum() / max(valid.sum(), 1)),
+        "novel": float(novel.sum() / max(unique.sum(), 1)),
+        **wasserstein([c for c, v in zip(samples, valid, strict=True) if v], test_crystals),
+    }
+    per = {"struct_valid": struct, "comp_valid": comp, "unique": unique, "novel": novel}
+    if hull is not None:
+        eh = hull.e_above_hull(samples)
+        per["e_above_hull"] = eh
+        fin = np.isfinite(eh)
+        out["e_hull_evaluated"] = float(fin.mean())
+        out["e_hull_median"] = float(np.median(eh[fin])) if fin.any() else float("nan")
+        out["stable"] = float((fin & (np.nan_to_num(eh, nan=9.0) <= 0.0)).mean())
+        out["sun"] = float((unique & novel & (np.nan_to_num(eh, nan=9.0) <= 0.0)).mean())
+        out["msun"] = float((unique & novel & (np.nan_to_num(eh, nan=9.0) <= 0.1)).mean())
+    return out, per

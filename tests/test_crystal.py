@@ -1,0 +1,244 @@
+"""Crystal family: data builder, losses, diffusion sampler, metrics, and the three CLIs on tiny configs."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from molgen.chem import crystal as xtal
+from molgen.crystal import data, diffusion, vae
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MP20 = ROOT.parent / "shared" / "data" / "crystals" / "mp_20_subset"
+BAD_CIF = "data_broken\n_cell_length_a 4.0\nloop_\n _atom_site_fract_x\n  nonsense\n"
+
+
+def nacl() -> xtal.Crystal:
+    a = 5.64
+    lat = 0.5 * a * np.asarray([[0, 1, 1], [1, 0, 1], [1, 1, 0]], float)
+    return xtal.Crystal(lat, np.asarray([[0, 0, 0], [0.5, 0.5, 0.5]]), np.asarray([11, 17]))
+
+
+@pytest.fixture(scope="module")
+def tiny_csvs(tmp_path_factory):
+    """A CDVAE-format folder: 24/8/8 real MP-20 rows, with one malformed CIF row in train."""
+    out = tmp_path_factory.mktemp("crystal_csv")
+    import csv
+
+    for split, n in (("train", 24), ("val", 8), ("test", 8)):
+        rows = xtal.read_csv(str(MP20 / f"{split}.csv"))[:n]
+        if split == "train":
+            rows.insert(3, {**rows[0], "material_id": "mp-broken", "cif": BAD_CIF})
+        with open(out / f"{split}.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    return out
+
+
+def test_parse_cif_error_names_the_record():
+    with pytest.raises(xtal.CrystalError, match="train.csv: row 3 .*mp-broken"):
+        xtal.parse_cif(BAD_CIF, "train.csv: row 3 (material_id mp-broken)")
+
+
+def test_builder_skips_and_reports_bad_row(tiny_csvs, tmp_path):
+    cfg = ml_collections.ConfigDict(dict(source=str(tiny_csvs), n_max=0, properties=("band_gap",), resplit=(), seed=0))
+    b = data.build(cfg, str(tmp_path))
+    rep = data.report(b)
+    assert rep["examples"] == {"train": 24, "validation": 8, "test": 8}
+    assert rep["rows"]["train"] == 25
+    (bad,) = rep["skipped"]
+    assert bad["row"] == 3 and bad["material_id"] == "mp-broken" and bad["file"].endswith("train.csv")
+    split = data.load_split(b.as_data_source()["train"])
+    n_max = rep["n_max"]
+    assert split["frac"].shape == (24, n_max, 3) and split["mask"].sum(-1).max() <= n_max
+    assert np.all((split["frac"] >= 0) & (split["frac"] < 1))
+    # the stored crystal is the Niggli-reduced CIF structure (TFDS stores examples in its own order)
+    row = xtal.read_csv(str(tiny_csvs / "train.csv"))[0]
+    first = xtal.parse_cif(row["cif"])
+    src = b.as_data_source()["train"]
+    (k,) = [i for i in range(len(src)) if src[i]["material_id"].decode() == row["material_id"]]
+    got = data.unpad({key: split[key][k] for key in ("lattice", "frac", "species", "mask")})
+    assert xtal.match_rms(got, first) is not None
+    np.testing.assert_allclose(split["params"][k], first.params, rtol=1e-5)
+    np.testing.assert_allclose(split["properties"][k, 0], float(row["band_gap"]), rtol=1e-6)
+    # missing property column: a clear error naming the file
+    with pytest.raises(ValueError, match="property columns .*nope"):
+        data.parse_rows(str(tiny_csvs / "test.csv"), ("nope",))
+
+
+def test_resplit_is_deterministic_and_disjoint(tiny_csvs, tmp_path):
+    cfg = ml_collections.ConfigDict(dict(source=str(tiny_csvs), n_max=0, properties=(), resplit=(0.25, 0.25), seed=3))
+    rep = data.report(data.build(cfg, str(tmp_path)))
+    assert sum(rep["examples"].values()) == 40 and rep["examples"]["test"] == 10
+
+
+def test_periodic_coordinate_loss():
+    """A shift by a lattice vector costs nothing; the encoder input does not change either."""
+    rng = np.random.default_rng(0)
+    b, n = 3, 4
+    frac = rng.uniform(size=(b, n, 3)).astype(np.float32)
+    batch = {"frac": jnp.asarray(frac), "mask": jnp.ones((b, n), bool), "species": jnp.full((b, n), 8),
+             "params": jnp.asarray(np.tile([4.0, 4.0, 4.0, 90.0, 90.0, 90.0], (b, 1)), jnp.float32)}  # fmt: skip
+    shift = rng.integers(-2, 3, size=(b, n, 3)).astype(np.float32)
+    pred = {"frac": jnp.asarray(frac + shift + 0.01), "species_logits": jnp.zeros((b, n, vae.N_SPECIES)),
+            "lengths": jnp.ones((b, 3)), "angles": jnp.ones((b, 3))}  # fmt: skip
+    t = vae.loss_terms(pred, jnp.zeros((b, n, 2)), jnp.zeros((b, n, 2)), batch)
+    np.testing.assert_allclose(t["coords"], 3 * 0.01**2, rtol=1e-3)  # only the 0.01 offset counts
+    # across the boundary: 0.99 vs 0.01 is 0.02 apart, not 0.98
+    near = vae.loss_terms({**pred, "frac": jnp.full((b, n, 3), 0.99)}, jnp.zeros((b, n, 2)), jnp.zeros((b, n, 2)),
+                          {**batch, "frac": jnp.full((b, n, 3), 0.01)})  # fmt: skip
+    np.testing.assert_allclose(near["coords"], 3 * 0.02**2, rtol=1e-3)
+    np.testing.assert_allclose(vae.fourier(batch["frac"] + shift, 4), vae.fourier(batch["frac"], 4), atol=2e-5)
+
+
+def test_vae_loss_terms_against_hand_values():
+    b, n, k = 1, 2, 3
+    mu = jnp.asarray([[[0.5, 0.0, -1.0], [0.0, 0.0, 0.0]]])
+    logvar = jnp.asarray([[[0.0, np.log(2.0), 0.0], [0.0, 0.0, 0.0]]])
+    mask = jnp.asarray([[True, False]])
+    logits = jnp.zeros((b, n, vae.N_SPECIES)).at[0, 0, 7].set(2.0)
+    batch = {"frac": jnp.zeros((b, n, 3)), "mask": mask, "species": jnp.asarray([[8, 3]]),
+             "params": jnp.asarray([[4.0, 5.0, 6.0, 90.0, 90.0, 120.0]])}  # fmt: skip
+    pred = {"frac": jnp.zeros((b, n, 3)), "species_logits": logits, "lengths": jnp.asarray([[4.0, 5.0, 6.0]]),
+            "angles": jnp.deg2rad(jnp.asarray([[90.0, 90.0, 110.0]]))}  # fmt: skip
+    t = vae.loss_terms(pred, mu, logvar, batch)
+    kl = 0.5 * ((1 + 0.25 - 1 - 0) + (2 + 0 - 1 - np.log(2.0)) + (1 + 1 - 1 - 0))  # one real atom
+    np.testing.assert_allclose(t["kl"], [kl], rtol=1e-5)
+    ce = -(2.0 - np.log(np.exp(2.0) + vae.N_SPECIES - 1))  # class 7 = oxygen (Z 8)
+    np.testing.assert_allclose(t["species_ce"], [ce], rtol=1e-5)
+    np.testing.assert_allclose(t["lengths"], [0.0], atol=1e-10)  # one atom: N^(1/3) = 1
+    np.testing.assert_allclose(t["angles"], [np.deg2rad(10.0) ** 2 / 3], rtol=1e-4)
+    assert k == 3
+
+
+def test_augment_rotates_lattice_and_keeps_distances():
+    c = nacl()
+    lat = jnp.asarray(c.lattice[None], jnp.float32)
+    frac = jnp.asarray(c.frac[None], jnp.float32)
+    lat2, frac2 = vae.augment(jax.random.key(1), lat, frac, True, True)
+    r = jnp.einsum("bij,bkj->bik", lat2, lat)  # not the identity
+    assert not np.allclose(np.asarray(lat2), np.asarray(lat))
+    got = xtal.Crystal(np.asarray(lat2[0], float), np.asarray(frac2[0], float), c.species)
+    assert xtal.match_rms(got, c) is not None and r.shape == (1, 3, 3)
+    np.testing.assert_allclose(np.linalg.det(lat2[0]), np.linalg.det(lat[0]), rtol=1e-5)
+
+
+def _toy_dit():
+    dit = diffusion.DiT(dim=16, heads=2, layers=1, latent=4, n_max=3, use_property=True)
+    mask = jnp.asarray([[True, True, False], [True, True, True]])
+    params = dit.init(jax.random.key(0), jnp.zeros((2, 3, 4)), jnp.zeros(2, jnp.int32), mask,
+                      prop=jnp.zeros(2), prop_drop=jnp.zeros(2, bool))["params"]  # fmt: skip
+    # perturb the zero-initialised output layers so the network is not trivially zero
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(p.size), p.shape), params)
+    return (lambda p, z, t, m, **kw: dit.apply({"params": p}, z, t, m, **kw)), params, mask
+
+
+def test_ddim_eta0_is_deterministic_and_eta1_is_not():
+    apply, params, mask = _toy_dit()
+    sched = diffusion.Schedule.linear(100)
+    x0 = jax.random.normal(jax.random.key(5), (2, 3, 4))
+    run = lambda key, eta: diffusion.sample(apply, params, sched, key, mask, 4, steps=10, eta=eta, x_init=x0)  # noqa: E731
+    a, lp_a = run(jax.random.key(1), 0.0)
+    b, _ = run(jax.random.key(2), 0.0)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(lp_a), 0.0)
+    c, lp_c = run(jax.random.key(1), 1.0)
+    d, _ = run(jax.random.key(2), 1.0)
+    assert not np.allclose(np.asarray(c), np.asarray(d))
+    assert np.all(np.isfinite(np.asarray(lp_c))) and np.all(np.asarray(lp_c) != 0)
+    assert np.all(np.asarray(a)[0, 2] == 0)  # padded atom stays zero
+
+
+def test_ddim_step_logprob_matches_hand_gaussian():
+    sched = diffusion.Schedule.linear(50)
+    mask = jnp.asarray([[True, False]])
+    x = jnp.asarray([[[0.3, -0.2], [0.0, 0.0]]])
+    eps = jnp.asarray([[[0.1, 0.4], [0.0, 0.0]]])
+    noise = jnp.asarray([[[0.5, -1.0], [7.0, 7.0]]])
+    xp, mean, std, lp = diffusion.ddim_step(sched, x, eps, 30, 20, 1.0, noise, mask)
+    ab = np.cumprod(1 - sched.betas)
+    a_t, a_p = ab[30], ab[20]
+    x0 = (np.asarray(x) - np.sqrt(1 - a_t) * np.asarray(eps)) / np.sqrt(a_t)
+    s = np.sqrt((1 - a_p) / (1 - a_t)) * np.sqrt(1 - a_t / a_p)
+    m = np.sqrt(a_p) * x0 + np.sqrt(1 - a_p - s**2) * np.asarray(eps)
+    np.testing.assert_allclose(np.asarray(xp)[0, 0], (m + s * np.asarray(noise))[0, 0], rtol=1e-5)
+    want = np.sum(-0.5 * (np.asarray(noise)[0, 0] ** 2 + np.log(2 * np.pi * s**2)))
+    np.testing.assert_allclose(float(lp[0]), want, rtol=1e-5)
+
+
+def test_cfg_guidance_combines_passes():
+    apply, params, mask = _toy_dit()
+    x = jax.random.normal(jax.random.key(3), (2, 3, 4))
+    cond = {"prop": jnp.asarray([3.0, 3.0])}
+    e_c = diffusion.guided_eps(apply, params, x, 7, mask, cond, 1.0)
+    e_u = apply(params, x, jnp.full(2, 7), mask)  # prop None: dropped
+    e_g = diffusion.guided_eps(apply, params, x, 7, mask, cond, 2.0)
+    np.testing.assert_allclose(np.asarray(e_g), np.asarray(e_u + 2.0 * (e_c - e_u)), atol=1e-5)
+
+
+def test_validity_and_matching():
+    c = nacl()
+    assert xtal.structure_valid(c) and xtal.composition_valid(c.species)
+    assert not xtal.composition_valid(np.asarray([11, 17, 17]))  # NaCl2 is not charge balanced
+    assert xtal.composition_valid(np.asarray([26, 28]))  # alloy
+    clash = xtal.Crystal(c.lattice, np.asarray([[0, 0, 0], [0.02, 0.0, 0.0]]), c.species)
+    assert not xtal.structure_valid(clash)
+    shifted = xtal.Crystal(c.lattice, np.mod(c.frac + 0.37, 1.0), c.species)
+    assert xtal.match_rms(shifted, c) == pytest.approx(0.0, abs=1e-6)
+    idx = xtal.MatchIndex([c])
+    assert idx.contains(shifted)
+    other = xtal.Crystal(c.lattice * 1.0, c.frac, np.asarray([19, 17]))  # KCl in the NaCl cell
+    assert not idx.contains(other)
+    np.testing.assert_allclose(xtal.density(c), 2.16, rtol=0.02)
+
+
+def _cli(config: str, workdir, *overrides):
+    cmd = [sys.executable, "-m", "molgen.main", f"--config={config}", f"--workdir={workdir}", *overrides]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def test_cli_vae_predictor_ldm_tiny(tiny_csvs, tmp_path):
+    """One short run of each model through the real CLI: VAE, predictor on its features, and a
+    band-gap conditioned LDM sampling CIFs scored by the predictor."""
+    data_dir = str(tmp_path / "tfds")
+    v, p, ld = tmp_path / "vae", tmp_path / "pred", tmp_path / "ldm"
+    _cli(
+        "experiments/crystal_vae_mp20.py:tiny",
+        v,
+        f"--config.data.source={tiny_csvs}",
+        f"--config.data.data_dir={data_dir}",
+    )
+    ev = json.loads((v / "evaluation.json").read_text())
+    assert ev["test"]["n"] == 8 and 0.0 <= ev["test"]["match_rate"] <= 1.0
+    rep = json.loads((pathlib.Path(data_dir) / "crystal_csv").glob("*/1.0.0/build_report.json").__next__().read_text())
+    assert rep["skipped"][0]["material_id"] == "mp-broken"
+    _cli("experiments/crystal_predictor_mp20.py:tiny", p, f"--config.vae_workdir={v}", f"--config.data_dir={data_dir}")
+    ep = json.loads((p / "evaluation.json").read_text())
+    assert set(ep["test"]) == {"loss", "mae_band_gap", "baseline_mae_band_gap", "mae_formation_energy_per_atom",
+                               "baseline_mae_formation_energy_per_atom"}  # fmt: skip
+    _cli("experiments/crystal_ldm_mp20.py:tiny", ld, f"--config.vae_workdir={v}", f"--config.data_dir={data_dir}",
+         f"--config.predictor_workdir={p}")  # fmt: skip
+    m = json.loads((ld / "metrics.json").read_text())
+    assert m["unconditional"]["n_samples"] == 4
+    assert set(m["property"]) == {"0", "3"} and "mean_predicted" in m["property"]["3"]
+    assert len(list((ld / "samples" / "unconditional").glob("*.cif"))) >= 1
+    for wd in (v, p, ld):
+        assert (wd / "config.json").exists() and (wd / "metrics.jsonl").exists()
+        assert any((wd / "checkpoints").iterdir())
+
+
+def test_ldm_needs_a_vae_run(tmp_path):
+    cmd = [sys.executable, "-m", "molgen.main", "--config=experiments/crystal_ldm_perov.py:tiny",
+           f"--workdir={tmp_path / 'x'}", f"--config.vae_workdir={tmp_path / 'missing'}"]  # fmt: skip
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert r.returncode != 0 and "no model.json" in r.stderr
