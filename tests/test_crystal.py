@@ -242,3 +242,22 @@ def test_ldm_needs_a_vae_run(tmp_path):
            f"--workdir={tmp_path / 'x'}", f"--config.vae_workdir={tmp_path / 'missing'}"]  # fmt: skip
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ})
     assert r.returncode != 0 and "no model.json" in r.stderr
+
+
+def test_chgnet_hull_proxy(tmp_path):
+    """A training crystal sits on the CHGNet hull; the same crystal expanded by 15% lies above it;
+    KCl gets its own chemical system (K and Cl references, no training compound); the cache is
+    reused."""
+    from molgen.crystal import metrics
+
+    c = nacl()
+    hull = metrics.Hull([c], cache=str(tmp_path / "hull.json"))
+    stretched = xtal.Crystal(c.lattice * 1.15, c.frac, c.species)
+    e = hull.e_above_hull([c, stretched, None, xtal.Crystal(c.lattice, c.frac, np.asarray([19, 17]))])
+    assert abs(e[0]) < 1e-6 or e[0] <= 0.0
+    assert e[1] > 0.05
+    assert np.isnan(e[2]) and np.isfinite(e[3])  # undecodable; KCl against its elements only
+    saved = json.loads((tmp_path / "hull.json").read_text())
+    assert set(saved) == {"n_train", "train", "refs"} and set(saved["refs"]) == {"11", "17", "19"}
+    again = metrics.Hull([c], model=hull.model, cache=str(tmp_path / "hull.json"))
+    np.testing.assert_allclose(again.e_above_hull([stretched]), e[1:2], rtol=1e-4)  # CHGNet batch noise

@@ -10,10 +10,10 @@ Definitions (all rates are fractions of the samples drawn unless said otherwise)
 - Wasserstein distances of density (g/cm^3) and of the number of distinct elements between
   the valid samples and the test set;
 - E_hull proxy: CHGNet (0.4.2, weights in the wheel) single-point energies per atom, against a
-  pymatgen PhaseDiagram of CHGNet energies of the training crystals plus elemental
-  references (see `elemental_references`); S.U.N. = valid, unique, novel and E_hull <= 0;
-  MSUN the same with E_hull <= 0.1 eV/atom. Samples with an element outside the hull's
-  elements count as not stable.
+  pymatgen PhaseDiagram (per chemical system) of CHGNet energies of the training crystals
+  plus elemental references (see `elemental_references`); S.U.N. = valid, unique, novel and
+  E_hull <= 0; MSUN the same with E_hull <= 0.1 eV/atom. Samples whose energy or reference
+  fails count as not stable.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def chgnet_energies(crystals, model=None, batch: int = 64) -> np.ndarray:
     return out
 
 
-PROTOTYPES = ("fcc", "bcc", "hcp", "sc", "diamond", "dimer")
+PROTOTYPES = ("fcc", "bcc", "hcp", "diamond", "dimer")
 
 
 def _prototype(kind: str, z: int, d: float) -> xtal.Crystal:
@@ -131,10 +131,11 @@ def _prototype(kind: str, z: int, d: float) -> xtal.Crystal:
 
 
 def elemental_references(elements, model=None) -> dict[int, float]:
-    """Lowest CHGNet energy per atom of each element over simple prototypes (fcc, bcc, hcp, sc,
-    diamond, and a dimer in a box), each at nearest-neighbour distances scanned around twice
-    the element's atomic radius. No MP elemental structures are on this machine; this is the
-    stated stand-in."""
+    """Lowest CHGNet energy per atom of each element over simple prototypes (fcc, bcc, hcp,
+    diamond, and a dimer in a 10 Å box), each at nearest-neighbour distances scanned around
+    twice the element's atomic radius. No MP elemental structures are on this machine; this is
+    the stated stand-in. Small batches: one-atom cells have very many neighbours in CHGNet's
+    graphs."""
     from pymatgen.core.periodic_table import Element
 
     model = model or _chgnet()
@@ -146,7 +147,7 @@ def elemental_references(elements, model=None) -> dict[int, float]:
             for d in dimer_d if kind == "dimer" else 2 * float(r) * np.asarray([0.85, 0.92, 1.0, 1.08, 1.16]):
                 cands.append(_prototype(kind, int(z), float(d)))
                 owners.append(int(z))
-    e = chgnet_energies(cands, model)
+    e = chgnet_energies(cands, model, batch=4)
     out = {}
     for z in set(owners):
         vals = e[[i for i, o in enumerate(owners) if o == z]]
@@ -155,48 +156,81 @@ def elemental_references(elements, model=None) -> dict[int, float]:
 
 
 class Hull:
-    """CHGNet-energy phase diagram of training crystals plus elemental references."""
+    """E_hull against CHGNet energies of the training crystals plus elemental references.
+
+    Lazy and per chemical system: for each sample's element set, only the training crystals
+    whose elements lie inside it matter, so only those get CHGNet energies (cached by training
+    index in `cache`, written atomically), and one pymatgen PhaseDiagram is built per chemical
+    system (a single diagram over ~60 elements would be intractable)."""
 
     def __init__(self, train_crystals, model=None, cache: str = ""):
-        from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
-        from pymatgen.core import Composition
+        self.train = list(train_crystals)
+        self.systems = [frozenset(int(z) for z in c.species) for c in self.train]
+        self.model, self.cache = model, cache
+        saved = json.loads(open(cache).read()) if cache and os.path.exists(cache) else {}
+        if saved.get("n_train") not in (None, len(self.train)):
+            raise ValueError(f"{cache}: hull cache is for {saved['n_train']} training crystals, not {len(self.train)}")
+        self.energies = {int(k): v for k, v in saved.get("train", {}).items()}
+        self.refs = {int(k): v for k, v in saved.get("refs", {}).items()}
+        self.diagrams: dict = {}
 
-        self.model = model or _chgnet()
-        if cache and os.path.exists(cache):
-            d = json.loads(open(cache).read())
-            train_e, refs = np.asarray(d["train"], float), {int(k): v for k, v in d["refs"].items()}
-        else:
-            train_e = chgnet_energies(train_crystals, self.model)
-            elements = sorted({int(z) for c in train_crystals for z in c.species})
-            refs = elemental_references(elements, self.model)
-            if cache:
-                os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
-                with open(cache, "w") as f:
-                    json.dump({"train": [None if not np.isfinite(x) else x for x in train_e], "refs": refs}, f)
-            train_e = np.asarray([np.nan if x is None else x for x in train_e], float)
-        entries = []
-        for c, e in zip(train_crystals, train_e, strict=True):
-            if e is not None and np.isfinite(e):
-                entries.append(PDEntry(_comp(c.species), float(e) * len(c.species)))
-        for z, e in refs.items():
-            entries.append(PDEntry(Composition({_sym(z): 1}), float(e)))
-        self.elements = set(refs)
-        self.pd = PhaseDiagram(entries)
+    def _model(self):
+        if self.model is None:
+            self.model = _chgnet()
+        return self.model
+
+    def _fill(self, systems) -> None:
+        """CHGNet energies of the training crystals and elements inside any of `systems`."""
+        need = [j for j, sj in enumerate(self.systems) if j not in self.energies and any(sj <= s for s in systems)]
+        elements = sorted({z for s in systems for z in s} - set(self.refs))
+        if need:
+            log.info("CHGNet energies of %d training crystals for the hull", len(need))
+            e = chgnet_energies([self.train[j] for j in need], self._model())
+            self.energies.update({j: (float(x) if np.isfinite(x) else None) for j, x in zip(need, e, strict=True)})
+        if elements:
+            self.refs.update(elemental_references(elements, self._model()))
+        if need or elements:
+            _save(self.cache, {"n_train": len(self.train), "train": self.energies, "refs": self.refs})
+
+    def diagram(self, system: frozenset):
+        from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+
+        if system not in self.diagrams:
+            entries = [PDEntry(_comp(self.train[j].species), e * len(self.train[j].species))
+                       for j, e in self.energies.items() if e is not None and self.systems[j] <= system]  # fmt: skip
+            entries += [PDEntry(_comp([z]), self.refs[z]) for z in system]
+            self.diagrams[system] = PhaseDiagram(entries)
+        return self.diagrams[system]
 
     def e_above_hull(self, crystals) -> np.ndarray:
         from pymatgen.analysis.phase_diagram import PDEntry
 
-        e = chgnet_energies(crystals, self.model)
+        systems = {frozenset(int(z) for z in c.species) for c in crystals if c is not None}
+        self._fill(systems)
+        e = chgnet_energies(crystals, self._model())
         out = np.full(len(crystals), np.nan)
         for i, c in enumerate(crystals):
-            if c is None or not np.isfinite(e[i]) or not set(int(z) for z in c.species) <= self.elements:
+            if c is None or not np.isfinite(e[i]):
                 continue
-            entry = PDEntry(_comp(c.species), float(e[i]) * len(c.species))
+            system = frozenset(int(z) for z in c.species)
+            if not all(np.isfinite(self.refs.get(z, np.nan)) for z in system):
+                continue
             try:
-                out[i] = float(self.pd.get_e_above_hull(entry, allow_negative=True))
-            except Exception:
+                entry = PDEntry(_comp(c.species), float(e[i]) * len(c.species))
+                out[i] = float(self.diagram(system).get_e_above_hull(entry, allow_negative=True))
+            except Exception:  # pymatgen fails on degenerate diagrams; the sample counts as not stable
                 pass
         return out
+
+
+def _save(path: str, obj) -> None:
+    """Write the hull cache atomically (a killed run leaves the previous file intact)."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
 
 
 def _sym(z: int) -> str:
