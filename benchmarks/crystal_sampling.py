@@ -43,14 +43,14 @@ def main():
         mask = sampler.masks(rng, b)
         key = jax.random.key(0)
 
-        def ddim():
+        def ddim(key=key, mask=mask):
             jax.block_until_ready(sampler.latents(key, mask, steps=args.steps))
 
-        def ddim_host():
+        def ddim_host(key=key, mask=mask):
             out, _ = sampler.latents(key, mask, steps=args.steps)
             sample.to_crystals(jax.device_get(out), mask)
 
-        def ancestral():
+        def ancestral(key=key, mask=mask):
             jax.block_until_ready(sampler.latents(key, mask, ancestral=True))
 
         t_d = median_time(ddim, args.reps)
