@@ -65,6 +65,7 @@ def test_killed_mid_stage_resumes_in_stage_and_epoch(reference, source, tmp_path
     assert b == pytest.approx(a, rel=1e-5)
 
 
+@pytest.mark.slow  # ~2 min; keeps the default suite inside its 20-minute budget
 def test_vmapped_ensemble_member_matches_sequential_seed(reference, source, tmp_path):
     """Two members trained as one stacked run: member 0 has seed 0's init and data order, so it
     must end where the sequential reference's seed 0 did; the ensemble report covers both."""

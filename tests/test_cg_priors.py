@@ -95,3 +95,18 @@ def test_fit_on_villin_frames(villin_h5, tmp_path):
     p = priors.as_jax(priors.load(str(tmp_path / "priors.json")))
     e = jax.vmap(lambda x, m: priors.energy(p, x, m, priors.topology(40)))(jnp.asarray(pos), jnp.asarray(mask))
     assert np.all(np.isfinite(e)) and (tmp_path / "priors.png").stat().st_size > 10_000
+
+
+def test_paired_gain_against_hand_values():
+    from molgen.cg.train import paired_gain
+
+    ref = np.zeros((3, 2, 3))
+    mask = np.asarray([[True, True], [True, False], [True, True]])
+    model = np.ones((3, 2, 3))  # per-frame MSE 1
+    prior = np.stack([np.full((2, 3), 2.0), np.full((2, 3), 3.0), np.full((2, 3), 1.0)])  # 4, 9, 1
+    prior[1, 1] = 100.0  # a padded bead: ignored
+    g = paired_gain(model, prior, ref, mask)
+    d = np.asarray([3.0, 8.0, 0.0])
+    assert g["mean"] == pytest.approx(d.mean())
+    assert g["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(3))
+    assert g["frames_better"] == pytest.approx(2 / 3)

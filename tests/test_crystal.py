@@ -227,11 +227,21 @@ def test_cli_vae_predictor_ldm_tiny(tiny_csvs, tmp_path):
     assert set(ep["test"]) == {"loss", "mae_band_gap", "baseline_mae_band_gap", "mae_formation_energy_per_atom",
                                "baseline_mae_formation_energy_per_atom"}  # fmt: skip
     _cli("experiments/crystal_ldm_mp20.py:tiny", ld, f"--config.vae_workdir={v}", f"--config.data_dir={data_dir}",
-         f"--config.predictor_workdir={p}")  # fmt: skip
+         f"--config.predictor_workdir={p}", "--config.cond.composition=True")  # fmt: skip
     m = json.loads((ld / "metrics.json").read_text())
     assert m["unconditional"]["n_samples"] == 4
     assert set(m["property"]) == {"0", "3"} and "mean_predicted" in m["property"]["3"]
     assert len(list((ld / "samples" / "unconditional").glob("*.cif"))) >= 1
+    # the sampling CLI: composition (Sr1Ti1O3 -> 5 atoms) and band gap together, CIFs written
+    out = tmp_path / "gen"
+    cmd = [sys.executable, "-m", "molgen.crystal.sample", f"--workdir={ld}", f"--out={out}", "--n=3", "--steps=4",
+           "--composition=Sr1Ti1O3", "--property=3.0", "--eta=1.0"]  # fmt: skip
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads((out / "samples.json").read_text())
+    assert got["n"] == 3 and got["condition"]["prop"] == 3.0 and np.isfinite(got["mean_step_logprob_sum"])
+    for cif in out.glob("*.cif"):
+        assert len(xtal.parse_cif(cif.read_text(), str(cif)).species) == 5
     for wd in (v, p, ld):
         assert (wd / "config.json").exists() and (wd / "metrics.jsonl").exists()
         assert any((wd / "checkpoints").iterdir())

@@ -10,7 +10,8 @@ from molgen import main
 EXPERIMENTS = sorted(
     p.stem for p in (pathlib.Path(__file__).parents[1] / "experiments").glob("*.py") if p.stem != "__init__"
 )
-VARIANTS = {"lm_pretrain_moses": ["cpu", "cpu_long", "gpu_06b"], "cg_villin": ["quick", "full"]}
+VARIANTS = {"lm_pretrain_moses": ["cpu", "cpu_long", "gpu_06b"], "cg_villin": ["quick", "medium", "full"]}
+VARIANTS.update({n: ["quick", "full", "tiny"] for n in EXPERIMENTS if n.startswith("crystal_")})
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

@@ -97,6 +97,11 @@ class CrystalVAE(nn.Module):
 
     def encode(self, species, frac, lattice, mask):
         """-> (mean, log variance), each (B, N, latent)."""
+        mu, logvar = jnp.split(self.to_latent(self.tokens(species, frac, lattice, mask)), 2, axis=-1)
+        return mu * mask[..., None], jnp.clip(logvar, -12.0, 6.0) * mask[..., None]
+
+    def tokens(self, species, frac, lattice, mask):
+        """The encoder's last hidden states (B, N, dim)."""
         n = mask.sum(-1).astype(jnp.float32)
         scale = jnp.cbrt(jnp.maximum(n, 1.0))[:, None] * 3.0  # lattice rows ~ N^(1/3) * 3 Å
         lat = self.lattice_in(lattice.reshape(lattice.shape[0], 9) / scale)
@@ -106,8 +111,7 @@ class CrystalVAE(nn.Module):
         x = x * mask[..., None]
         for blk in self.encoder:
             x = blk(x, mask)
-        mu, logvar = jnp.split(self.to_latent(x), 2, axis=-1)
-        return mu * mask[..., None], jnp.clip(logvar, -12.0, 6.0) * mask[..., None]
+        return x
 
     def decode(self, z, mask):
         """-> dict(species_logits (B,N,100), frac (B,N,3), lengths (B,3) / N^(1/3), angles (B,3) rad)."""
@@ -125,9 +129,11 @@ class CrystalVAE(nn.Module):
         }
 
     def features(self, species, frac, lattice, mask):
-        """Pooled encoder means (B, latent): the features the property predictor reads."""
-        mu, _ = self.encode(species, frac, lattice, mask)
-        return masked_mean(mu, mask)
+        """Pooled encoder features (B, dim + latent): masked means of the last hidden states and
+        of the latent means; what the property predictor reads."""
+        x = self.tokens(species, frac, lattice, mask)
+        mu = self.to_latent(x)[..., : self.latent]
+        return jnp.concatenate([masked_mean(x, mask), masked_mean(mu, mask)], axis=-1)
 
     def __call__(self, species, frac, lattice, mask, rng):
         mu, logvar = self.encode(species, frac, lattice, mask)
