@@ -76,6 +76,9 @@ def ldm(dataset: str, variant: str) -> ml_collections.ConfigDict:
     cfg.ckpt = common.ckpt(every_steps=1000, best_metric="eval/loss")
     if variant == "full":
         cfg.model.update(dict(dim=256, heads=8, layers=6))
+    if dataset == "mp20" and variant != "tiny":  # 847 crystals of up to 20 atoms: smaller batches
+        cfg.train.batch_size = 64
+        cfg.train.steps = {"quick": 3000, "full": 30000}[variant]
     if variant == "tiny":
         cfg.model.update(dict(dim=32, heads=2, layers=1))
         cfg.train.update(dict(batch_size=8, log_every=1, eval_every=2))

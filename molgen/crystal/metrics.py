@@ -12,8 +12,8 @@ Definitions (all rates are fractions of the samples drawn unless said otherwise)
 - E_hull proxy: CHGNet (0.4.2, weights in the wheel) single-point energies per atom, against a
   pymatgen PhaseDiagram (per chemical system) of CHGNet energies of the training crystals
   plus elemental references (see `elemental_references`); S.U.N. = valid, unique, novel and
-  E_hull <= 0; MSUN the same with E_hull <= 0.1 eV/atom. Samples whose energy or reference
-  fails count as not stable.
+  E_hull <= 0; MSUN the same with E_hull <= 0.1 eV/atom. Samples that are structurally
+  invalid, denser than 4 Å^3/atom, or whose energy or reference fails count as not stable.
 """
 
 from __future__ import annotations
@@ -102,6 +102,7 @@ def chgnet_energies(crystals, model=None, batch: int = 64) -> np.ndarray:
 
 
 PROTOTYPES = ("fcc", "bcc", "hcp", "diamond", "dimer")
+MIN_VOLUME_PER_ATOM = 4.0  # Å^3; diamond has 5.7, the densest elemental solids about 5
 
 
 def _prototype(kind: str, z: int, d: float) -> xtal.Crystal:
@@ -205,6 +206,11 @@ class Hull:
     def e_above_hull(self, crystals) -> np.ndarray:
         from pymatgen.analysis.phase_diagram import PDEntry
 
+        # CHGNet only sees physically possible cells: a structurally invalid or ultra-dense sample
+        # (< MIN_VOLUME_PER_ATOM) would give it thousands of neighbours per atom
+        crystals = [c if c is not None and xtal.structure_valid(c)
+                    and xtal.volume(c.lattice) / len(c.species) >= MIN_VOLUME_PER_ATOM else None
+                    for c in crystals]  # fmt: skip
         systems = {frozenset(int(z) for z in c.species) for c in crystals if c is not None}
         self._fill(systems)
         e = chgnet_energies(crystals, self._model())
