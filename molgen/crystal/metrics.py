@@ -135,17 +135,18 @@ def elemental_references(elements, model=None) -> dict[int, float]:
     """Lowest CHGNet energy per atom of each element over simple prototypes (fcc, bcc, hcp,
     diamond, and a dimer in a 10 Å box), each at nearest-neighbour distances scanned around
     twice the element's atomic radius. No MP elemental structures are on this machine; this is
-    the stated stand-in. Small batches: one-atom cells have very many neighbours in CHGNet's
-    graphs."""
+    the stated stand-in."""
     from pymatgen.core.periodic_table import Element
 
     model = model or _chgnet()
     cands, owners = [], []
     for z in elements:
         r = Element.from_Z(int(z)).atomic_radius or 1.0
-        dimer_d = [0.9, 1.1, 1.3, 1.5, 2.0, 2.5]
+        # solids are scanned from 1.5 Å nearest-neighbour distance up: denser cells (H, F by
+        # radius) give CHGNet thousands of neighbours per atom (11 GB and minutes for H alone)
+        solid_d = np.maximum(2 * float(r) * np.asarray([0.9, 1.0, 1.1, 1.2]), 1.5 * np.asarray([1.0, 1.1, 1.2, 1.3]))
         for kind in PROTOTYPES:
-            for d in dimer_d if kind == "dimer" else 2 * float(r) * np.asarray([0.85, 0.92, 1.0, 1.08, 1.16]):
+            for d in [0.9, 1.2, 1.5, 2.0, 2.5] if kind == "dimer" else solid_d:
                 cands.append(_prototype(kind, int(z), float(d)))
                 owners.append(int(z))
     e = chgnet_energies(cands, model, batch=4)
@@ -188,9 +189,10 @@ class Hull:
             log.info("CHGNet energies of %d training crystals for the hull", len(need))
             e = chgnet_energies([self.train[j] for j in need], self._model())
             self.energies.update({j: (float(x) if np.isfinite(x) else None) for j, x in zip(need, e, strict=True)})
+            _save(self.cache, {"n_train": len(self.train), "train": self.energies, "refs": self.refs})
         if elements:
+            log.info("CHGNet elemental references for %d elements", len(elements))
             self.refs.update(elemental_references(elements, self._model()))
-        if need or elements:
             _save(self.cache, {"n_train": len(self.train), "train": self.energies, "refs": self.refs})
 
     def diagram(self, system: frozenset):
