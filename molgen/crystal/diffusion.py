@@ -140,19 +140,17 @@ def guided_eps(apply, params, x, t, mask, cond: dict, scale: float):
     b = x.shape[0]
     tt = jnp.full((b,), t, jnp.int32)
     if not cond or scale == 1.0:
-        return apply(params, x, tt, mask, **_with_drops(cond, b, False))
+        return apply(params, x, tt, mask, **_with_drops(cond, jnp.zeros((b,), bool)))
     both = {k: jnp.concatenate([v, v]) for k, v in cond.items()}
-    drops = _with_drops(both, 2 * b, None)
+    drops = _with_drops(both, jnp.arange(2 * b) >= b)  # the second half is the unconditional pass
     eps = apply(params, jnp.concatenate([x, x]), jnp.concatenate([tt, tt]), jnp.concatenate([mask, mask]), **drops)
     e_c, e_u = eps[:b], eps[b:]
     return e_u + scale * (e_c - e_u)
 
 
-def _with_drops(cond: dict, b: int, drop):
-    """Condition kwargs for DiT: drop=False keeps every condition; drop=None drops them in the
-    second half of the batch (the unconditional pass of CFG)."""
+def _with_drops(cond: dict, flag):
+    """Condition kwargs for the DiT: every condition present gets the per-row drop `flag`."""
     out = dict(cond)
-    flag = jnp.zeros((b,), bool) if drop is False else jnp.arange(b) >= b // 2
     if "composition" in cond:
         out["comp_drop"] = flag
     if "prop" in cond:

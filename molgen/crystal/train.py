@@ -48,6 +48,21 @@ def make_vae(mc, n_max: int) -> vae.CrystalVAE:
                           latent=mc.latent, n_max=n_max, n_fourier=mc.n_fourier)  # fmt: skip
 
 
+def example_batch(n_max: int, rows: int = 2) -> dict:
+    """A shape-only batch (one atom type, unit cells) for initialising or templating parameters."""
+    return {"species": np.ones((rows, n_max), np.int32), "frac": np.zeros((rows, n_max, 3), np.float32),
+            "lattice": np.tile(np.eye(3, dtype=np.float32), (rows, 1, 1)),
+            "mask": np.ones((rows, n_max), bool)}  # fmt: skip
+
+
+def eval_means(eval_step, params, mesh, split: dict, batch_size: int, key) -> dict:
+    """Means of the shared eval step's metrics over a whole split."""
+    ms = [
+        jax.device_get(eval_step(params, core_step.global_batch(b, mesh), key)) for b, _ in batches(split, batch_size)
+    ]
+    return {k: float(np.mean([m[k] for m in ms])) for k in ms[0] if k != "weight"}
+
+
 def init_vae(model: vae.CrystalVAE, seed: int, split: dict):
     b = {k: jnp.asarray(split[k][:2]) for k in ("species", "frac", "lattice", "mask")}
     return model.init(jax.random.key(seed), b["species"], b["frac"], b["lattice"], b["mask"], jax.random.key(0))[
@@ -108,9 +123,7 @@ def train_vae(config, workdir: str):
     eval_step = core_step.make_eval_step(eval_loss_fn, mesh)
 
     def eval_fn(p, step):
-        ms = [jax.device_get(eval_step(p, core_step.global_batch(b, mesh), jax.random.key(0)))
-              for b, _ in batches(splits["validation"], config.train.batch_size)]  # fmt: skip
-        out = {k: float(np.mean([m[k] for m in ms])) for k in ms[0] if k != "weight"}
+        out = eval_means(eval_step, p, mesh, splits["validation"], config.train.batch_size, jax.random.key(0))
         rec = reconstruct(model, p, splits["validation"], limit=config.eval.match_n)
         out.update({k: v for k, v in rec.items() if np.isfinite(v)})  # no RMSE while nothing matches
         return out
@@ -120,7 +133,7 @@ def train_vae(config, workdir: str):
                         items_per_step=lambda m: config.train.batch_size, item_name="crystals",
                         meta={"kind": "crystal_vae"})  # fmt: skip
     params = jax.device_get(state.params)
-    result = {s: reconstruct(model, params, splits[s], limit=config.eval.test_n) for s in ("test",)}
+    result = {"test": reconstruct(model, params, splits["test"], limit=config.eval.test_n)}
     result["dataset"] = data.report(builder)["examples"]
     loop.write_json(workdir, "evaluation.json", result)
     t = result["test"]
@@ -143,10 +156,7 @@ def load_vae(workdir: str):
         {k: info[k] for k in ("dim", "heads", "enc_layers", "dec_layers", "latent", "n_fourier")}
     )
     model = make_vae(mc, info["n_max"])
-    n = info["n_max"]
-    dummy = {"species": np.ones((2, n), np.int32), "frac": np.zeros((2, n, 3), np.float32),
-             "lattice": np.tile(np.eye(3, dtype=np.float32), (2, 1, 1)), "mask": np.ones((2, n), bool)}  # fmt: skip
-    template = jax.eval_shape(lambda: init_vae(model, 0, dummy))
+    template = jax.eval_shape(lambda: init_vae(model, 0, example_batch(info["n_max"])))
     params = checkpoint.restore_params(os.path.join(wd, "checkpoints"), template)
     return model, params, info
 
@@ -200,6 +210,10 @@ def make_predictor(config, n_targets: int):
     return vae.Mlp((*config.model.hidden, n_targets))
 
 
+def init_predictor(net, feats, n_max: int, seed: int):
+    return net.init(jax.random.key(seed), feats(example_batch(n_max)))["params"]
+
+
 def predictor_features(vmodel, vparams):
     def fn(b):
         f = vmodel.apply({"params": vparams}, b["species"], b["frac"], b["lattice"], b["mask"], method=vmodel.features)
@@ -217,8 +231,7 @@ def train_predictor(config, workdir: str):
     mean, std = np.nanmean(y, 0), np.nanstd(y, 0) + 1e-6
     net = make_predictor(config, len(idx))
     feats = predictor_features(vmodel, vparams)
-    b0 = {k: jnp.asarray(splits["train"][k][:2]) for k in KEYS}
-    params = net.init(jax.random.key(config.train.seed), feats(b0))["params"]
+    params = init_predictor(net, feats, vmodel.n_max, config.train.seed)
     loop.write_json(workdir, "model.json", {"kind": "crystal_predictor", "targets": list(config.targets),
                                             "mean": mean.tolist(), "std": std.tolist(),
                                             "hidden": list(config.model.hidden),
@@ -270,10 +283,7 @@ def load_predictor(workdir: str):
     vmodel, vparams, _ = load_vae(info["vae_workdir"])
     net = vae.Mlp((*info["hidden"], len(info["targets"])))
     feats = predictor_features(vmodel, vparams)
-    n = vmodel.n_max
-    dummy = {"species": jnp.ones((2, n), jnp.int32), "frac": jnp.zeros((2, n, 3)),
-             "lattice": jnp.tile(jnp.eye(3), (2, 1, 1)), "mask": jnp.ones((2, n), bool)}  # fmt: skip
-    template = jax.eval_shape(lambda: net.init(jax.random.key(0), feats(dummy))["params"])
+    template = jax.eval_shape(lambda: init_predictor(net, feats, vmodel.n_max, 0))
     params = checkpoint.restore_params(os.path.join(wd, "checkpoints"), template)
     mean, std = np.asarray(info["mean"]), np.asarray(info["std"])
     run = jax.jit(lambda b: net.apply({"params": params}, feats(b)) * std + mean)
@@ -287,6 +297,13 @@ def make_dit(config, latent: int, n_max: int) -> diffusion.DiT:
     mc = config.model
     return diffusion.DiT(dim=mc.dim, heads=mc.heads, layers=mc.layers, latent=latent, n_max=n_max,
                          use_composition=config.cond.composition, use_property=bool(config.cond.property))  # fmt: skip
+
+
+def init_dit(dit: diffusion.DiT, seed: int):
+    """DiT parameters; conditions left out are dropped inside the DiT, which still creates
+    their parameters, so one init serves every conditioning."""
+    z, mask = jnp.zeros((2, dit.n_max, dit.latent)), jnp.ones((2, dit.n_max), bool)
+    return dit.init(jax.random.key(seed), z, jnp.zeros(2, jnp.int32), mask)["params"]
 
 
 def train_ldm(config, workdir: str):
@@ -319,19 +336,13 @@ def train_ldm(config, workdir: str):
     def apply(p, z, t, mask, **kw):
         return dit.apply({"params": p}, z, t, mask, **kw)
 
-    b0 = {k: jnp.asarray(splits["train"][k][:2]) for k in KEYS}
-    z0, m0, c0 = encode(b0)
-    kw0 = {k: jnp.nan_to_num(v) for k, v in c0.items()}
-    kw0.update({f"{'comp' if k == 'composition' else 'prop'}_drop": jnp.zeros(2, bool) for k in c0})
-    params = dit.init(jax.random.key(config.train.seed), z0, jnp.zeros(2, jnp.int32), m0, **kw0)["params"]
+    params = init_dit(dit, config.train.seed)
     log.info("DiT: %d parameters", sum(x.size for x in jax.tree.leaves(params)))
     loss_fn = diffusion.make_loss(apply, sched, encode, config.cond)
     eval_step = core_step.make_eval_step(loss_fn, mesh)
 
     def eval_fn(p, step):
-        ms = [jax.device_get(eval_step(p, core_step.global_batch(b, mesh), jax.random.key(1)))
-              for b, _ in batches(splits["validation"], config.train.batch_size)]  # fmt: skip
-        return {k: float(np.mean([m[k] for m in ms])) for k in ms[0] if k != "weight"}
+        return eval_means(eval_step, p, mesh, splits["validation"], config.train.batch_size, jax.random.key(1))
 
     it = pipeline(src["train"], config, mesh, config.train.seed)
     state, _ = loop.fit(config, workdir, mesh=mesh, params=params, loss_fn=loss_fn, train_data=it, eval_fn=eval_fn,
@@ -391,16 +402,7 @@ def load_ldm(workdir: str) -> tuple[Sampler, dict]:
     vmodel, vparams, _ = load_vae(info["vae_workdir"])
     cfg = ml_collections.ConfigDict({"model": info["model"], "cond": info["cond"]})
     dit = make_dit(cfg, info["latent"], info["n_max"])
-    n = info["n_max"]
-    kw = {}
-    if info["cond"]["composition"]:
-        kw.update(composition=jnp.zeros((2, 100)), comp_drop=jnp.zeros(2, bool))
-    if info["cond"]["property"]:
-        kw.update(prop=jnp.zeros(2), prop_drop=jnp.zeros(2, bool))
-    z = jnp.zeros((2, n, info["latent"]))
-    template = jax.eval_shape(
-        lambda: dit.init(jax.random.key(0), z, jnp.zeros(2, jnp.int32), jnp.ones((2, n), bool), **kw)["params"]
-    )
+    template = jax.eval_shape(lambda: init_dit(dit, 0))
     params = checkpoint.restore_params(os.path.join(wd, "checkpoints"), template)
     d = info["diffusion"]
     sched = diffusion.Schedule.linear(d["T"], d["beta_start"], d["beta_end"])
