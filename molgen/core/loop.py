@@ -51,6 +51,7 @@ def fit(
     meta: dict | None = None,
     check: Callable[[int, dict], None] | None = None,
     members: int = 0,
+    controller=None,
 ) -> tuple[TrainState, dict]:
     """Train `params` for `config.train.steps` steps; returns (final state, last eval metrics).
 
@@ -60,6 +61,11 @@ def fit(
     guard; the last good checkpoint is kept).
     `members` > 0: `params` is a stacked ensemble (leading axis of that size) and the optimiser
     runs per member (`optim.per_member`); `loss_fn` sums the members' losses.
+    `controller`: host-side state that steers the loss step by step (e.g. DPO's dynamic beta).
+    It gives `ctrl()` (the replicated 4th argument of `loss_fn`), `update(step, metrics, rows,
+    state) -> extra metrics` (called after every step with the step's per-row outputs; what it
+    changes takes effect from the next step), and `state_dict()` / `load(d)`, saved in and
+    restored from the checkpoint metadata, so a resumed run continues with the same values.
     """
     tc, steps = config.train, config.train.steps
     tx, schedule = optim.make_optimizer(config.optim, steps)
@@ -72,7 +78,10 @@ def fit(
     if restored is not None:
         sd, saved_meta, start = restored
         state = state.replace(step=jnp.asarray(sd["step"]), params=sd["params"], opt_state=sd["opt_state"])
-        log.info("resumed from %s at step %d (meta %s)", mgr.directory, start, saved_meta)
+        if controller is not None:
+            controller.load(saved_meta.get("controller"))
+        shown = {k: v for k, v in saved_meta.items() if k != "controller"}
+        log.info("resumed from %s at step %d (meta %s)", mgr.directory, start, shown)
     elif mgr.all_steps():  # never silently restart over a run whose checkpoints exist
         raise RuntimeError(
             f"checkpoints {sorted(mgr.all_steps())} in {mgr.directory} exist but none restores "
@@ -84,7 +93,10 @@ def fit(
             state = TrainState.create(checkpoint.restore_params(config.ckpt.init_from, state.params), tx)
     state = replicate(state, mesh)
     step_fn = make_train_step(
-        loss_fn, mesh, extra_metrics=lambda s, g: {"lr": jnp.asarray(schedule(s.step), jnp.float32)}
+        loss_fn,
+        mesh,
+        extra_metrics=lambda s, g: {"lr": jnp.asarray(schedule(s.step), jnp.float32)},
+        with_ctrl=controller is not None,
     )
     writer = mlog.MetricWriter(workdir)
     progress = mlog.Progress(steps, start, item_name)
@@ -104,7 +116,12 @@ def fit(
     try:
         for step in range(start + 1, steps + 1):
             batch = global_batch(next(data_iter), mesh)
-            state, metrics = step_fn(state, batch, rng)
+            if controller is None:
+                state, metrics = step_fn(state, batch, rng)
+            else:  # the controller needs this step's outputs before the next step: no overlap
+                state, metrics, rows, cstate = step_fn(state, batch, rng, replicate(controller.ctrl(), mesh))
+                metrics = _fetch(metrics)
+                metrics.update(controller.update(step, metrics, *jax.device_get((rows, cstate))))
             if pending is not None:
                 report(*pending)
                 pending = None
@@ -120,7 +137,10 @@ def fit(
                 log.info("eval step %d: %s", step, " ".join(f"{k} {v:.4g}" for k, v in eval_metrics.items()))
             if do_save:
                 ck_metrics = {f"eval/{k}": v for k, v in eval_metrics.items()} if do_eval else None
-                checkpoint.save(mgr, step, _state_dict(state), data_iter, _meta(meta, step), ck_metrics)
+                ck_meta = _meta(meta, step)
+                if controller is not None:
+                    ck_meta["controller"] = controller.state_dict()
+                checkpoint.save(mgr, step, _state_dict(state), data_iter, ck_meta, ck_metrics)
         if pending is not None:
             pending = (pending[0], _fetch(pending[1]))
             report(*pending)

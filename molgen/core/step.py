@@ -7,6 +7,13 @@ is the number of items (tokens, frames) the sum runs over and every other entry 
 psum'ed, each device's loss is divided by it, and gradients are pmean'ed (times the
 device count) so the update is exactly the gradient of the global per-item mean, no
 matter how the batch is split across processes and devices.
+
+Post-training steps need more than params and a batch: `with_ctrl=True` adds a replicated
+fourth argument `ctrl` (e.g. this step's DPO beta, or frozen reference parameters) that
+`loss_fn(params, batch, rng, ctrl)` receives, and two outputs: `aux["rows"]` (per-row arrays,
+returned as global arrays sharded over "data", e.g. per-pair margins) and `aux["state"]`
+(values already equal on every device, returned as they are, e.g. an EMA computed from
+all-gathered margins).
 """
 
 from __future__ import annotations
@@ -43,15 +50,16 @@ def _global_mean(aux):
     return out
 
 
-def make_train_step(loss_fn: Callable, mesh, *, extra_metrics: Callable | None = None):
-    """jit(shard_map(step)) with donated state: (state, batch, rng) -> (state, metrics)."""
+def make_train_step(loss_fn: Callable, mesh, *, extra_metrics: Callable | None = None, with_ctrl: bool = False):
+    """jit(shard_map(step)) with donated state: (state, batch, rng) -> (state, metrics), or with
+    `with_ctrl` (state, batch, rng, ctrl) -> (state, metrics, rows, ctrl_state)."""
     n_dev = mesh.shape[AXIS]
 
-    def step(state: TrainState, batch, rng):
+    def step(state: TrainState, batch, rng, ctrl=None):
         rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(AXIS))
 
         def scaled(params):
-            loss_sum, aux = loss_fn(params, batch, rng)
+            loss_sum, aux = loss_fn(params, batch, rng, ctrl) if with_ctrl else loss_fn(params, batch, rng)
             w = jax.lax.psum(jax.lax.stop_gradient(aux["weight"]), AXIS)
             return loss_sum / jnp.maximum(w, 1e-9) * n_dev, aux
 
@@ -59,14 +67,19 @@ def make_train_step(loss_fn: Callable, mesh, *, extra_metrics: Callable | None =
         grads = jax.lax.pmean(grads, AXIS)
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        rows, ctrl_state = aux.pop("rows", {}), aux.pop("state", {})
         metrics = _global_mean(aux)
         metrics["grad_norm"] = optax.tree.norm(grads)
         if extra_metrics is not None:
             metrics.update(extra_metrics(state, grads))
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return (new_state, metrics, rows, ctrl_state) if with_ctrl else (new_state, metrics)
 
-    sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P()), check_vma=False)
-    return jax.jit(sharded, donate_argnums=(0,))
+    if with_ctrl:
+        specs = dict(in_specs=(P(), P(AXIS), P(), P()), out_specs=(P(), P(), P(AXIS), P()))
+    else:
+        specs = dict(in_specs=(P(), P(AXIS), P()), out_specs=(P(), P()))
+    return jax.jit(jax.shard_map(step, mesh=mesh, check_vma=False, **specs), donate_argnums=(0,))
 
 
 def make_eval_step(loss_fn: Callable, mesh):
@@ -74,9 +87,16 @@ def make_eval_step(loss_fn: Callable, mesh):
 
     def step(params, batch, rng):
         _, aux = loss_fn(params, batch, rng)
+        aux.pop("rows", None), aux.pop("state", None)
         return _global_mean(aux)
 
     return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=P(), check_vma=False))
+
+
+def make_row_fn(fn: Callable, mesh):
+    """jit(shard_map(fn)) for per-row outputs (log-probs, scores): (params, batch) -> arrays
+    sharded over "data" like the batch."""
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS), check_vma=False))
 
 
 def replicate(tree, mesh):
