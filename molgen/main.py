@@ -22,6 +22,10 @@ FAMILIES = {
     "crystal_vae": "molgen.crystal.train",
     "crystal_ldm": "molgen.crystal.train",
     "crystal_predictor": "molgen.crystal.train",
+    "lm_sft": "molgen.lm.sft",
+    "lm_rollouts": "molgen.lm.rollouts",
+    "lm_grpo": "molgen.lm.grpo",
+    "lm_dpo": "molgen.lm.dpo",
 }  # config.family -> module with train_and_evaluate(config, workdir)
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/*.py).", lock_config=True)
@@ -53,6 +57,8 @@ def main(argv):
     if jax.process_index() == 0:
         (pathlib.Path(workdir) / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
     importlib.import_module(FAMILIES[config.family]).train_and_evaluate(config, workdir)
+    if jax.process_index() == 0:  # marks a finished run (post-training experiments build missing upstream runs)
+        (pathlib.Path(workdir) / "done.json").write_text(json.dumps({"family": config.family}))
 
 
 def parse_flags(argv):
@@ -66,6 +72,8 @@ def parse_flags(argv):
         m = re.search(r'instead of "([^"]+)"', text) or re.search(r"([A-Za-z_]\w*)", text)
         key = m.group(1) if m else text
         bad = [a for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0]]
+        if not bad:  # not an override: the experiment file itself failed
+            sys.exit(f"molgen: the config file raised {type(e).__name__}: {text}")
         hint = re.search(r'Did you mean "[^"]+"', text)
         hint = hint.group(0) + "?" if hint else ""
         sys.exit(f"molgen: unknown config key {key!r} in {' '.join(bad) or 'a --config override'}. {hint}".strip())

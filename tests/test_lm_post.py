@@ -52,7 +52,9 @@ def test_judge_group_gates_and_rmsd():
     good = enriched.unit_text(can, refs[0])
     other = enriched.unit_text(can, enriched.encode(enriched.embed_conformers("CCO", 1, seed=0))[1])
     texts = [good, good.replace("[/CONFORMER]", ""), other, enriched.prompt_text(can) + "[C]<1,2>[/CONFORMER]"]
-    recs = rewards.judge_group((can, refs, texts, dict(w_smcov=5.0, w_qual=1.0)))
+    out = rewards.judge_group((can, refs, texts, dict(w_smcov=5.0, w_qual=1.0)))
+    recs = out["records"]
+    assert out["cov"]["cov_p"] == 1.0 and out["cov"]["cov_r"] >= 1 / 3
     assert [r["reason"] for r in recs] == ["valid", "tags", "graph", "decode"]
     assert recs[0]["min_rmsd"] == pytest.approx(0.0, abs=1e-3) and recs[0]["r_qual"] == pytest.approx(1.0, abs=1e-2)
     assert [r["reward"] for r in recs[1:]] == [-1.0, -1.0, -1.0]

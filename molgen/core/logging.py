@@ -56,6 +56,9 @@ class MetricWriter:
         if not self.active:
             return
         row = {f"{prefix}{k}": s for k, v in metrics.items() if (s := _scalar(v)) is not None}
+        # an undefined metric (e.g. the RMSD of a batch with no valid sample) is left out; a
+        # non-finite loss never gets here (check_finite stops the run first)
+        row = {k: v for k, v in row.items() if math.isfinite(v)}
         for k, v in row.items():
             self._tb.add_scalar(k, v, step)
         self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **row}) + "\n")

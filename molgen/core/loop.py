@@ -121,7 +121,8 @@ def fit(
             else:  # the controller needs this step's outputs before the next step: no overlap
                 state, metrics, rows, cstate = step_fn(state, batch, rng, replicate(controller.ctrl(), mesh))
                 metrics = _fetch(metrics)
-                metrics.update(controller.update(step, metrics, *jax.device_get((rows, cstate))))
+                rows = multihost_utils.process_allgather(rows, tiled=True)  # every process sees every row
+                metrics.update(controller.update(step, metrics, rows, jax.device_get(cstate)))
             if pending is not None:
                 report(*pending)
                 pending = None

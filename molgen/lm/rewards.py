@@ -26,11 +26,12 @@ import multiprocessing as mp
 from collections import Counter
 
 import numpy as np
-from rdkit import Chem
+from rdkit import Chem, RDLogger
 from scipy.optimize import linear_sum_assignment
 
 from molgen.chem import conformers, enriched
 
+RDLogger.DisableLog("rdApp.*")  # sampled text is often not chemistry; failures are counted, not printed
 DEFAULTS = dict(w_smcov=5.0, w_qual=0.0, w_match=0.0, delta=0.75, rho=0.07, sigma=0.3, floor=-1.0)
 COMPONENTS = ("r_qual", "r_smcov", "r_match")
 
@@ -85,9 +86,10 @@ def reference_mol(refs: list[str]) -> Chem.Mol:
     return ref
 
 
-def judge_group(job) -> list[dict]:
+def judge_group(job) -> dict:
     """Host worker: (prompt SMILES, reference enriched strings, completion texts, reward cfg)
-    -> one record per completion: reward, components, validity, failure reason, min RMSD.
+    -> {"records": one per completion (reward, components, validity, failure reason, min RMSD),
+    "cov": the group's COV/MAT-R/P at the reward's delta}.
 
     Completion texts are whole units (`[SMILES]..[/SMILES][CONFORMER]..[/CONFORMER]`)."""
     smiles, refs, texts, cfg = job
@@ -111,7 +113,8 @@ def judge_group(job) -> list[dict]:
         rec.update(valid=bool(valid[i]), reason=reasons[i] or "valid")
         rec["min_rmsd"] = float(d[i].min()) if valid[i] else None
         recs.append(rec)
-    return recs
+    cov = conformers.coverage_matching(d[valid], {**DEFAULTS, **cfg}["delta"])
+    return {"records": recs, "cov": cov}
 
 
 def summarize(records: list[dict]) -> dict:

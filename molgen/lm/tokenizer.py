@@ -159,9 +159,11 @@ def positions_and_state(ids, mode: str = "sequential"):
         else:
             j += 1
             out[k] = base + j
-    if (ids == SMILES_END_ID).any() and out[ids == SMILES_END_ID].max() >= ALIGN_OFFSET:
+    head = slice(0, int(np.argmax(ids == CONF_ID)) if (ids == CONF_ID).any() else len(ids))  # the prompt part
+    ends = ids[head] == SMILES_END_ID
+    if ends.any() and out[head][ends].max() >= ALIGN_OFFSET:
         raise ValueError(
-            f"SMILES of {int(out[ids == SMILES_END_ID].max())} tokens is too long for aligned positions "
+            f"SMILES of {int(out[head][ends].max())} tokens is too long for aligned positions "
             f"(at most {ALIGN_OFFSET - 2})"
         )
     return out, (in_coord, j, i)
