@@ -104,6 +104,7 @@ def test_not_hdf5_names_the_file(tmp_path):
         list(mdcath.read_cg(str(p)))
 
 
+@pytest.mark.slow  # ~85 s; keeps the default suite inside its 20-minute budget
 def test_producer_resumes_after_sigkill(tmp_path):
     out = str(tmp_path / "mdcath_dataset_villin.h5")
     cmd = [sys.executable, "-m", "molgen.cg.simulate", f"--out={out}", "--temperatures=320", "--replicas=1",

@@ -112,6 +112,7 @@ def test_malformed_smiles_in_source_file_is_skipped_and_reported(tmp_path, data_
     assert report is not None and bad and bad[0]["record"] == 10
 
 
+@pytest.mark.slow  # ~90 s; test_lm_post_cli covers SIGKILL + resume of the LM step in the default suite
 def test_killed_run_resumes_with_same_losses(tmp_path, data_dir):
     args = [
         "--config.train.steps=40",

@@ -1,0 +1,164 @@
+"""LM post-training through the real CLI on tiny configs: SFT (building its missing pretraining
+run), rollouts + judge + pairs, DPO killed and resumed, beta-DPO on byte-level HH text, GRPO
+resumed at the same data position."""
+
+import json
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from test_cli import ROOT, _env
+
+from molgen.lm import rewards, rollouts
+
+
+def cli(config, workdir, *overrides, timeout=600):
+    cmd = [sys.executable, "-m", "molgen.main", f"--config={config}", f"--workdir={workdir}", *overrides]
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{res.stderr[-4000:]}")
+    return res
+
+
+def lines(path):
+    return [json.loads(x) for x in pathlib.Path(path).read_text().splitlines() if x]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """tiny pretraining (built by the SFT run, which finds it missing) -> SFT -> rollouts."""
+    t = tmp_path_factory.mktemp("post")
+    res = cli("experiments/lm_sft.py:tiny", t / "sft", f"--config.policy.workdir={t / 'pre'}")
+    assert "building the upstream run" in res.stderr and (t / "pre" / "done.json").exists()
+    assert json.loads((t / "sft" / "policy.json").read_text()) == {"positions": "aligned", "codec": "molecular"}
+    assert (t / "sft" / "eval" / "conformers.json").exists()
+    cli("experiments/lm_rollouts.py:tiny", t / "ro", f"--config.policy.workdir={t / 'sft'}")
+    return t
+
+
+def test_rollouts_manifest_judged_and_pairs(chain):
+    ro = chain / "ro"
+    m = json.loads((ro / "manifest.json").read_text())
+    assert m["prompts"] == 6 and m["candidates"] == 24 and m["policy"] == str(chain / "sft")
+    judged = lines(ro / "judged.jsonl")
+    assert len(judged) == 24 and all({"reward", "r_smcov", "valid", "reason"} <= set(j) for j in judged)
+    pairs = lines(ro / "pairs.jsonl")
+    assert len(pairs) == 6 and all(p["chosen_reward"] >= p["rejected_reward"] for p in pairs)
+    assert len(lines(ro / "pairs_train.jsonl")) + len(lines(ro / "pairs_heldout.jsonl")) == 6
+
+
+def test_judge_skips_malformed_lines_and_bad_prompts(chain, tmp_path):
+    for f in ("prompts.jsonl", "rollouts.jsonl"):
+        shutil.copy(chain / "ro" / f, tmp_path / f)
+    with open(tmp_path / "prompts.jsonl", "a") as f:
+        f.write(json.dumps({"prompt_id": "bad", "smiles": "C1CC(", "refs": []}) + "\n")
+        f.write("{not json\n")
+    with open(tmp_path / "rollouts.jsonl", "a") as f:
+        f.write('{"prompt_id": "train-1", "completion": \n')  # cut mid-line
+        f.write(json.dumps({"prompt_id": "bad", "k": 0, "completion": "[C]<0,0,0>[/CONFORMER]"}) + "\n")
+    pool = rewards.RewardPool(0)
+    counts = rollouts.judge_file(tmp_path, {"w_smcov": 5.0}, pool)
+    assert counts["bad_lines"] == 2 and counts["bad_prompts"] == 1 and counts["orphans"] == 1
+    assert counts["judged"] == 24 and len(lines(tmp_path / "judged.jsonl")) == 24
+
+
+def _dpo_args(chain):
+    return [
+        f"--config.policy.workdir={chain / 'sft'}",
+        f"--config.data.rollouts={chain / 'ro'}",
+        "--config.train.steps=24",
+        "--config.ckpt.every_steps=8",
+        "--config.ckpt.async_save=False",
+        "--config.dpo.risk.warmup_steps=3",
+        "--config.dpo.risk.alpha=0.5",
+        "--config.eval.num_molecules=0",
+        "--config.train.eval_every=1000",
+    ]
+
+
+def test_dpo_risk_killed_resumes_with_same_beta_threshold_and_data(chain, tmp_path):
+    args = _dpo_args(chain)
+    ref = tmp_path / "ref"
+    cli("experiments/lm_dpo_dynamic_beta.py:tiny", ref, *args)
+    wd = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "molgen.main", "--config=experiments/lm_dpo_dynamic_beta.py:tiny",
+           f"--workdir={wd}", *args]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (wd / "checkpoints" / "8").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+    assert done and done[-1] < 24, f"the run was not killed mid-way: {done}"
+    res = cli("experiments/lm_dpo_dynamic_beta.py:tiny", wd, *args)
+    assert "resumed from" in res.stderr
+    a, b = lines(ref / "margins" / "margins.jsonl"), lines(wd / "margins" / "margins.jsonl")
+    assert [r["step"] for r in b] == list(range(1, 25))  # the killed steps were dropped and redone
+    for x, y in zip(a, b, strict=True):
+        assert x["pair_id"] == y["pair_id"], x["step"]  # same data position
+        assert y["beta"] == pytest.approx(x["beta"], rel=1e-5) and (x["tau"] is None) == (y["tau"] is None)
+        if x["tau"] is not None:
+            assert y["tau"] == pytest.approx(x["tau"], rel=1e-4, abs=1e-4)
+        assert y["margin"] == pytest.approx(x["margin"], rel=1e-4, abs=1e-4)
+    betas = [r["beta"] for r in a]
+    assert betas[:4] == [0.1] * 4 and len(set(betas)) > 2  # fixed through warmup, then moving
+    assert (ref / "plots" / "dpo_beta.png").exists() and (ref / "summary.json").exists()
+
+
+HH = [
+    ("What is the boiling point of water?", " 100 degrees Celsius at sea level.", " I don't know."),
+    ("Name a noble gas.", " Argon.", " Water."),
+    ("How many carbons are in ethane?", " Two.", " Seven."),
+    ("What does DNA stand for?", " Deoxyribonucleic acid.", " Do Not Ask."),
+    ("Is benzene aromatic?", " Yes, it has six pi electrons in a ring.", " No."),
+    ("What is NaCl?", " Sodium chloride, table salt.", " A kind of sugar."),
+]
+
+
+def test_beta_dpo_on_byte_level_hh_text(tmp_path):
+    hh, sft_data = tmp_path / "hh.jsonl", tmp_path / "sft.jsonl"
+    with open(hh, "w") as f:
+        for q, good, bad in HH:
+            p = f"\n\nHuman: {q}\n\nAssistant:"
+            f.write(json.dumps({"chosen": p + good, "rejected": p + bad}) + "\n")
+        f.write(json.dumps({"chosen": "no assistant turn", "rejected": "x"}) + "\n")  # skipped, counted
+    with open(sft_data, "w") as f:
+        for q, good, _ in HH:
+            f.write(json.dumps({"prompt": f"\n\nHuman: {q}\n\nAssistant:", "completion": good}) + "\n")
+    byte_model = ["--config.model.vocab_size=384", "--config.data.codec=bytes", "--config.eval.num_molecules=0"]
+    cli("experiments/lm_sft.py:tiny", tmp_path / "sft", "--config.policy.workdir=", f"--config.data.source={sft_data}",
+        f"--config.data.validation={sft_data}", *byte_model)  # fmt: skip
+    assert json.loads((tmp_path / "sft" / "policy.json").read_text())["codec"] == "bytes"
+    res = cli("experiments/lm_dpo.py:tiny", tmp_path / "dpo", f"--config.policy.workdir={tmp_path / 'sft'}",
+              "--config.data.source=files", f"--config.data.train={hh}", f"--config.data.heldout={hh}",
+              "--config.data.format=hh", "--config.dpo.beta_mode=beta_dpo", "--config.train.batch_size=4")  # fmt: skip
+    assert "DPO: 6 train / 6 held-out pairs" in res.stderr and "'bad_lines': 2" in res.stderr
+    m = lines(tmp_path / "dpo" / "margins" / "margins.jsonl")
+    assert all(sum(r["kept"]) == 3 for r in m)  # beta-DPO keeps int(4 x 0.8) of each batch of 4
+    tr = [r for r in lines(tmp_path / "dpo" / "metrics.jsonl") if "train/m0" in r]
+    assert len(tr) == 6 and all(r["train/beta"] >= 1e-3 for r in tr)
+    s = json.loads((tmp_path / "dpo" / "summary.json").read_text())
+    assert {"win_rate", "logp_win_rate"} <= set(s["before"]) and s["before"]["win_rate"] == 0.5
+
+
+def test_grpo_resumes_at_the_same_data_position(chain, tmp_path):
+    args = [f"--config.policy.workdir={chain / 'pre'}", "--config.ckpt.async_save=False"]
+    cli("experiments/lm_grpo.py:tiny", tmp_path / "ref", *args, "--config.train.steps=6")
+    wd = tmp_path / "resumed"
+    cli("experiments/lm_grpo.py:tiny", wd, *args, "--config.train.steps=4")
+    res = cli("experiments/lm_grpo.py:tiny", wd, *args, "--config.train.steps=6")
+    assert "resumed GRPO at step 4" in res.stderr
+    a, b = lines(tmp_path / "ref" / "rollouts.jsonl"), lines(wd / "rollouts.jsonl")
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert [r["mol_index"] for r in a] == [r["mol_index"] for r in b]
+    assert [r["reward"] for r in a] == [r["reward"] for r in b]
+    tr = [r for r in lines(wd / "metrics.jsonl") if "train/reward" in r]
+    keys = {"train/reward", "train/validity", "train/kl", "train/clip_frac", "train/completion_len", "train/r_smcov"}
+    assert keys <= set(tr[-1])
+    s = json.loads((wd / "summary.json").read_text())
+    assert {"reward", "validity", "cov_r"} <= set(s["before"]) and {"reward", "validity"} <= set(s["after"])
