@@ -52,7 +52,7 @@ def get_config(variant: str = "quick"):
     cfg.sampling = lm_post.sampling(batch_size=64, temperature=1.0)
     cfg.rewards = lm_post.rewards() if full else lm_post.rewards(w_qual=1.0, sigma=1.0)
     cfg.rewards_workers = 2
-    cfg.optim = common.optim(lr=6e-5 if full else 1e-4, warmup_steps=0 if not full else 10, weight_decay=0.0,
+    cfg.optim = common.optim(lr=6e-5 if full else 3e-4, warmup_steps=0 if not full else 10, weight_decay=0.0,
                              schedule="constant", b2=0.99)  # fmt: skip
     cfg.train = common.train(steps=1000 if full else 30, batch_size=0, log_every=1, eval_every=200 if full else 1000)
     cfg.ckpt = common.ckpt(every_steps=50 if full else 10, keep=2, best_metric="")
