@@ -2,7 +2,7 @@
 
 Variants (`--config=experiments/lm_dpo.py:VARIANT`):
   quick (default) ~12 min on a 2-core CPU after its inputs (runs/lm_sft and runs/lm_rollouts,
-        built first when missing): sigmoid loss, beta 0.1, 300 steps of 8 pairs, reference
+        built first when missing): sigmoid loss, beta 0.1, 150 steps of 8 pairs, reference
         log-probs precomputed; held-out win rates and sample rewards before and after.
       python -m molgen.main --config=experiments/lm_dpo.py --workdir=runs/lm_dpo
   beta_dpo        the same with beta-DPO (Wu et al. 2024: rho 0.2 dropped, a 0.6, beta0 0.1).
@@ -49,8 +49,8 @@ def get_config(variant: str = "quick"):
         )
     )
     cfg.optim = common.optim(lr=1e-4, warmup_steps=10, weight_decay=0.0, schedule="constant")
-    cfg.train = common.train(steps=3000 if full else 300, batch_size=32 if full else 8, log_every=20,
-                             eval_every=1000 if full else 300, eval_batches=0)  # fmt: skip
+    cfg.train = common.train(steps=3000 if full else 150, batch_size=32 if full else 8, log_every=10,
+                             eval_every=1000 if full else 150, eval_batches=0)  # fmt: skip
     cfg.ckpt = common.ckpt(every_steps=100, keep=2, best_metric="")
     cfg.prompts = lm_post.prompts_data()
     cfg.rewards = lm_post.rewards()

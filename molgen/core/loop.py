@@ -89,6 +89,8 @@ def fit(
         )
     else:
         start = 0
+        if controller is not None:
+            controller.load(None)  # a fresh start: nothing of an earlier attempt is kept
         if config.ckpt.init_from:
             state = TrainState.create(checkpoint.restore_params(config.ckpt.init_from, state.params), tx)
     state = replicate(state, mesh)

@@ -159,10 +159,11 @@ class Controller:
         return {"risk": self.risk.state_dict(), "m0": self.m0, "s": self.s, "init": self.init, "step": self.step}
 
     def load(self, d: dict | None):
-        if not d:
-            return
-        self.risk.load(d["risk"])
-        self.m0, self.s, self.init, self.step = d["m0"], d["s"], d["init"], d["step"]
+        """Restore a checkpoint's controller state (None: a fresh start) and drop margin lines
+        of steps after it."""
+        if d:
+            self.risk.load(d["risk"])
+            self.m0, self.s, self.init, self.step = d["m0"], d["s"], d["init"], d["step"]
         if self.main and self.path.exists():  # drop lines of steps after the checkpoint (they will be redone)
             keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
             self.path.write_text("".join(ln + "\n" for ln in keep))
