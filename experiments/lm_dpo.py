@@ -48,7 +48,7 @@ def get_config(variant: str = "quick"):
             beta_dpo=dict(drop=0.2, a=0.6, momentum=0.9, min_beta=1e-3),
         )
     )
-    cfg.optim = common.optim(lr=1e-4, warmup_steps=10, weight_decay=0.0, schedule="constant")
+    cfg.optim = common.optim(lr=1e-5, warmup_steps=10, weight_decay=0.0, schedule="constant")
     cfg.train = common.train(steps=3000 if full else 150, batch_size=32 if full else 8, log_every=10,
                              eval_every=1000 if full else 150, eval_batches=0)  # fmt: skip
     cfg.ckpt = common.ckpt(every_steps=100, keep=2, best_metric="")

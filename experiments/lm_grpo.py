@@ -54,13 +54,15 @@ def get_config(variant: str = "quick"):
     cfg.rewards_workers = 2
     cfg.optim = common.optim(lr=6e-5 if full else 3e-4, warmup_steps=0 if not full else 10, weight_decay=0.0,
                              schedule="constant", b2=0.99)  # fmt: skip
-    cfg.train = common.train(steps=1000 if full else 30, batch_size=0, log_every=1, eval_every=200 if full else 1000)
+    # train.batch_size: rollouts per GRPO step (prompts x group size), for reference; the grpo group sets it
+    cfg.train = common.train(steps=1000 if full else 30, batch_size=cfg.grpo.prompts_per_step * cfg.grpo.group_size,
+                             log_every=1, eval_every=200 if full else 1000)  # fmt: skip
     cfg.ckpt = common.ckpt(every_steps=50 if full else 10, keep=2, best_metric="")
     cfg.eval = lm_post.heldout_eval()
     if tiny:
         cfg.grpo.update(dict(prompts_per_step=4, group_size=4, minibatches=2, max_len=256))
         cfg.sampling.update(dict(batch_size=8, max_new_tokens=48))
-        cfg.train.update(dict(steps=4, eval_every=1000))
+        cfg.train.update(dict(steps=4, eval_every=1000, batch_size=16))
         cfg.ckpt.every_steps = 2
         cfg.eval.update(dict(num_molecules=2, samples_per_ref=1, max_new_tokens=48, batch_size=8))
     return cfg
