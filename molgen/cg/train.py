@@ -38,6 +38,7 @@ from jax.experimental import multihost_utils
 from jax_md import space
 
 from molgen.cg import allegro, data, mdcath, neighbors, priors, simulate
+from molgen.core import logging as mlog
 from molgen.core import loop
 from molgen.core import step as core_step
 from molgen.core import streams as streams_lib
@@ -497,9 +498,7 @@ def plot_loss(workdir, stage_dirs):
     fig, ax = plt.subplots(figsize=(7, 4))
     offset = 0
     for name, d in stage_dirs:
-        rows = [
-            json.loads(line) for line in (pathlib.Path(d) / "metrics.jsonl").read_text().splitlines() if line.strip()
-        ]
+        rows = mlog.read_metrics(d)
         tr = [(r["step"] + offset, r["train/force_mse"]) for r in rows if "train/force_mse" in r]
         ev = [(r["step"] + offset, r["eval/force_mse"]) for r in rows if "eval/force_mse" in r]
         if tr:

@@ -61,9 +61,8 @@ def check_sample(text: str, prompt_smiles: str):
     return mol, ""
 
 
-def score_molecule(job):
-    """Pool worker: (smiles, [reference enriched], [generated texts], delta) -> per-molecule record."""
-    smiles, refs, texts, delta = job
+def reference_mol(refs: list[str]) -> Chem.Mol:
+    """One RDKit molecule holding every reference conformer (enriched strings of one molecule)."""
     ref = None
     for r in refs:
         m = enriched.decode(r)
@@ -71,6 +70,13 @@ def score_molecule(job):
             ref = Chem.Mol(m)
         else:
             ref.AddConformer(m.GetConformer(), assignId=True)
+    return ref
+
+
+def score_molecule(job):
+    """Pool worker: (smiles, [reference enriched], [generated texts], delta) -> per-molecule record."""
+    smiles, refs, texts, delta = job
+    ref = reference_mol(refs)
     gens, reasons = [], defaultdict(int)
     for t in texts:
         mol, why = check_sample(t, smiles)

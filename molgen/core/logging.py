@@ -75,6 +75,12 @@ class MetricWriter:
             self._tb.close()
 
 
+def read_metrics(workdir: str) -> list[dict]:
+    """The rows of a run's metrics.jsonl (for plots and summaries)."""
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
 def check_finite(step: int, metrics: dict, keys=("loss",)) -> None:
     for k in keys:
         if k in metrics and not math.isfinite(float(metrics[k])):

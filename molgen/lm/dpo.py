@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from molgen.core import logging as mlog
 from molgen.core import loop
 from molgen.core import streams as streams_lib
 from molgen.core.distributed import make_mesh
@@ -236,7 +237,7 @@ def _plot(workdir: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = [json.loads(ln) for ln in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines() if ln]
+    recs = mlog.read_metrics(workdir)
     tr = [r for r in recs if "train/beta" in r]
     if not tr:
         return

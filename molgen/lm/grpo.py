@@ -169,14 +169,13 @@ def train_and_evaluate(config, workdir: str):
                     gb["ref_logp"] = logp_fn(ref_params, gb)
                 mbs.append(gb)
             t1 = time.time()
-            sums: dict[str, float] = {}
+            upd = []
             for _ in range(gc.mu):
                 for gb in mbs:
                     state, metrics = step_fn(state, gb, rng)
-                    for k, v in jax.device_get(metrics).items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
-            n_upd = gc.mu * len(mbs)
-            m = {k: v / n_upd for k, v in sums.items()}
+                    upd.append(metrics)
+            upd = jax.device_get(upd)  # one host sync per GRPO step, not one per update
+            m = {k: float(np.mean([u[k] for u in upd])) for k in upd[0]}
             flat = [x for rs in recs for x in rs]
             m.update(rewards.summarize(flat))
             lens = np.asarray([len(c) for cs in ids for c in cs])
@@ -236,7 +235,7 @@ def _plot(workdir: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = [json.loads(ln) for ln in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines() if ln]
+    recs = mlog.read_metrics(workdir)
     tr = [r for r in recs if "train/reward" in r]
     if not tr:
         return

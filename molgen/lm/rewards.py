@@ -26,10 +26,10 @@ import multiprocessing as mp
 from collections import Counter
 
 import numpy as np
-from rdkit import Chem, RDLogger
+from rdkit import RDLogger
 from scipy.optimize import linear_sum_assignment
 
-from molgen.chem import conformers, enriched
+from molgen.chem import conformers
 
 RDLogger.DisableLog("rdApp.*")  # sampled text is often not chemistry; failures are counted, not printed
 DEFAULTS = dict(w_smcov=5.0, w_qual=0.0, w_match=0.0, delta=0.75, rho=0.07, sigma=0.3, floor=-1.0)
@@ -74,18 +74,6 @@ def combine(d_GxM: np.ndarray, valid_G: np.ndarray, cfg: dict) -> dict[str, np.n
     return {"reward": reward, **comps}
 
 
-def reference_mol(refs: list[str]) -> Chem.Mol:
-    """One RDKit molecule holding every reference conformer (enriched strings of one molecule)."""
-    ref = None
-    for r in refs:
-        m = enriched.decode(r)
-        if ref is None:
-            ref = Chem.Mol(m)
-        else:
-            ref.AddConformer(m.GetConformer(), assignId=True)
-    return ref
-
-
 def judge_group(job) -> dict:
     """Host worker: (prompt SMILES, reference enriched strings, completion texts, reward cfg)
     -> {"records": one per completion (reward, components, validity, failure reason, min RMSD),
@@ -93,7 +81,7 @@ def judge_group(job) -> dict:
 
     Completion texts are whole units (`[SMILES]..[/SMILES][CONFORMER]..[/CONFORMER]`)."""
     smiles, refs, texts, cfg = job
-    ref = reference_mol(refs)
+    ref = conformers.reference_mol(refs)
     mols, reasons = [], []
     for t in texts:
         mol, why = conformers.check_sample(t, smiles)
