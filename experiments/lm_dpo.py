@@ -42,6 +42,7 @@ def get_config(variant: str = "quick"):
             label_smoothing=0.0,
             beta=0.1,
             beta_mode="beta_dpo" if variant == "beta_dpo" else "fixed",
+            rpo_alpha=0.0,  # > 0: RPO's NLL-on-chosen term (losses.rpo_nll)
             ref_logps="precompute",
             # the seed project's risk/quantile defaults (used when beta_mode="risk")
             risk=dict(delta=0.1, lam=0.1, gamma=2.0, alpha=0.005, beta_min=0.0, beta_max=2.0, warmup_steps=120),

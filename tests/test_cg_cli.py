@@ -46,6 +46,7 @@ def test_tiny_run_writes_everything(reference):
     assert meta["stage"] == "stage1" and meta["epoch"] == 4 and meta["steps_per_epoch"] == 7
 
 
+@pytest.mark.slow  # ~2.5 min; the default suite SIGKILLs and resumes the shared loop in test_lm_post_cli
 def test_killed_mid_stage_resumes_in_stage_and_epoch(reference, source, tmp_path):
     wd = tmp_path / "killed"
     proc = subprocess.Popen(_cmd(wd, source, reference / "tfds", *KILL_ARGS), cwd=cg_run.ROOT, env=_env(),

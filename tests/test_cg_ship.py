@@ -172,9 +172,13 @@ def test_analysis_against_hand_values():
     assert analysis.overlap(p, np.array([[1.0, 0.0], [0.0, 0.0]])) == 0.5
 
 
+MD_CLI = [sys.executable, "-m", "molgen.main", "--config=experiments/cg_villin_md.py:quick"]
+
+
+@pytest.mark.slow  # ~2 min; keeps the default suite inside its 20-minute budget
 def test_md_experiment_cli(cg_trained, tmp_path):
     wd = tmp_path / "md"
-    args = [sys.executable, "-m", "molgen.main", "--config=experiments/cg_villin_md.py:quick", f"--workdir={wd}",
+    args = [*MD_CLI, f"--workdir={wd}",
             f"--config.md.model_workdir={cg_trained}", "--config.md.force_check.configs=2", "--config.md.nve.steps=200",
             "--config.md.nvt.steps=400", "--config.md.nvt.dump_every=20", "--config.md.chunk=200"]  # fmt: skip
     res = subprocess.run(args, cwd=cg_run.ROOT, env=cg_run.env(), capture_output=True, text=True, timeout=900)
@@ -187,7 +191,9 @@ def test_md_experiment_cli(cg_trained, tmp_path):
     for name in ("nve.png", "nvt_300.png", "fes_320.png", "export/model.jax", "nvt_320/traj.lammpstrj"):
         assert (wd / name).exists(), name
 
+
+def test_md_experiment_names_a_missing_model_run(tmp_path):
     bad = [f"--workdir={tmp_path / 'md2'}", "--config.md.model_workdir=/nonexistent", "--config.md.model_experiment="]
-    res = subprocess.run(args[:4] + bad,
+    res = subprocess.run(MD_CLI + bad,
                          cwd=cg_run.ROOT, env=cg_run.env(), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert res.returncode != 0 and "md.model_workdir=/nonexistent holds no finished CG run" in res.stderr

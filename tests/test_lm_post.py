@@ -132,8 +132,8 @@ def test_grpo_one_step_is_the_policy_gradient():
         lp, m = sequences.completion_logps(model, p, batch)
         return -jnp.mean(adv * (lp * m).sum(-1) / m.sum(-1))
 
-    (val, st), g1 = jax.value_and_grad(grpo, has_aux=True)(params)
-    g2 = jax.grad(pg)(params)
+    (val, st), g1 = jax.jit(jax.value_and_grad(grpo, has_aux=True))(params)
+    g2 = jax.jit(jax.grad(pg))(params)
     assert float(st["ratio"]) == pytest.approx(1.0, abs=1e-7) and float(st["clip_frac"]) == 0.0
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
@@ -150,6 +150,8 @@ def test_dpo_losses_against_hand_values():
     eps = 0.1
     want = (-(1 - eps) * math.log(sig(0.2)) + eps * math.log(sig(-0.2))) / (1 - 2 * eps)
     assert float(losses.dpo_loss(m, 0.1, "robust", eps)) == pytest.approx(want, rel=1e-6)
+    # RPO: alpha x the chosen side's mean token NLL (log-prob sum -6 over 3 tokens, alpha 0.5)
+    assert float(losses.rpo_nll(-6.0, 3.0, 0.5)) == pytest.approx(1.0, rel=1e-6)
     with pytest.raises(ValueError, match="dpo.loss"):
         losses.dpo_loss(m, 0.1, "nope")
 

@@ -99,6 +99,8 @@ def test_dpo_risk_killed_resumes_with_same_beta_threshold_and_data(chain, tmp_pa
     assert "resumed from" in res.stderr
     a, b = lines(ref / "margins" / "margins.jsonl"), lines(wd / "margins" / "margins.jsonl")
     assert [r["step"] for r in b] == list(range(1, 25))  # the killed steps were dropped and redone
+    trained = [r["step"] for r in lines(wd / "metrics.jsonl") if "train/loss" in r]
+    assert trained == [r["step"] for r in lines(ref / "metrics.jsonl") if "train/loss" in r]  # each step once
     for x, y in zip(a, b, strict=True):
         assert x["pair_id"] == y["pair_id"], x["step"]  # same data position
         assert y["beta"] == pytest.approx(x["beta"], rel=1e-5) and (x["tau"] is None) == (y["tau"] is None)

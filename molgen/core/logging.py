@@ -43,12 +43,16 @@ def _scalar(v):
 class MetricWriter:
     """Writes scalars to `metrics.jsonl` and TensorBoard; no-op on processes other than 0."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, resume_step: int | None = None):
+        """`resume_step`: the step the run restarts from; lines of later steps (written by an
+        attempt that died after that checkpoint, and about to be redone) are dropped first."""
         self.active = jax.process_index() == 0
         self.workdir = pathlib.Path(workdir)
         if self.active:
             from tensorboardX import SummaryWriter
 
+            if resume_step is not None:
+                truncate_jsonl(self.workdir / "metrics.jsonl", resume_step)
             self._jsonl = open(self.workdir / "metrics.jsonl", "a")
             self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
 
@@ -73,6 +77,17 @@ class MetricWriter:
         if self.active:
             self._jsonl.close()
             self._tb.close()
+
+
+def truncate_jsonl(path, step: int) -> None:
+    """Keep the lines of a per-step JSONL log (a "step" field each) up to `step`: a resumed run
+    redoes the steps after its checkpoint, and each must appear once."""
+    path = pathlib.Path(path)
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        tmp.replace(path)  # atomic: a kill here leaves the old or the new file, never half of one
 
 
 def read_metrics(workdir: str) -> list[dict]:

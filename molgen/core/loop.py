@@ -100,7 +100,7 @@ def fit(
         extra_metrics=lambda s, g: {"lr": jnp.asarray(schedule(s.step), jnp.float32)},
         with_ctrl=controller is not None,
     )
-    writer = mlog.MetricWriter(workdir)
+    writer = mlog.MetricWriter(workdir, resume_step=start)
     progress = mlog.Progress(steps, start, item_name)
     rng = jax.random.key(tc.seed)
     pending, eval_metrics = None, {}

@@ -13,9 +13,10 @@ step's global margins; the new beta applies from the next step); "beta_dpo" (los
 beta_dpo_select inside the step on the all-gathered margins). The controller state (beta,
 tau, warmup buffer, EMA) is saved in the checkpoint metadata and the pair iterator with the
 state, so a killed run resumes with the same beta, threshold and data position.
-`dpo.ref_logps`: "precompute" (one pass over the pairs before training) or "step" (the frozen
-reference runs inside every step). Per-pair margins go to `margins/margins.jsonl` (one line per
-step: pair ids, margins, kept flags, beta, tau).
+`dpo.rpo_alpha` > 0 adds RPO's alpha x (mean token NLL of the chosen completion) to each
+pair's loss (losses.rpo_nll). `dpo.ref_logps`: "precompute" (one pass over the pairs before
+training) or "step" (the frozen reference runs inside every step). Per-pair margins go to
+`margins/margins.jsonl` (one line per step: pair ids, margins, kept flags, beta, tau).
 
 Held-out evaluation (before training and at every eval): win rates on held-out pairs (implicit
 reward margin > 0; and mean token log-prob of chosen > rejected under the policy, which is
@@ -165,9 +166,8 @@ class Controller:
         if d:
             self.risk.load(d["risk"])
             self.m0, self.s, self.init, self.step = d["m0"], d["s"], d["init"], d["step"]
-        if self.main and self.path.exists():  # drop lines of steps after the checkpoint (they will be redone)
-            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+        if self.main:  # drop lines of steps after the checkpoint (they will be redone)
+            mlog.truncate_jsonl(self.path, self.step)
 
 
 # --- loss --------------------------------------------------------------------------------
@@ -177,10 +177,10 @@ def dpo_loss_fn(model: Qwen3, config):
 
     def loss_fn(params, batch, rng, ctrl):
         del rng
-        sums = {}
+        sums, n_tok = {}, {}
         for side in SIDES:
             lp, m = sequences.completion_logps(model, params, batch, side)
-            sums[side] = (lp * m).sum(-1)
+            sums[side], n_tok[side] = (lp * m).sum(-1), m.sum(-1)
             if dc.ref_logps == "step":
                 rlp, _ = sequences.completion_logps(model, jax.lax.stop_gradient(ctrl["ref_params"]), batch, side)
                 sums["ref_" + side] = (rlp * m).sum(-1)
@@ -199,7 +199,9 @@ def dpo_loss_fn(model: Qwen3, config):
             state = {"beta": beta, "m0": m0, "s": s}
         else:
             beta, w = ctrl["beta"], jnp.ones_like(margin)
-        per = losses.dpo_loss(margin, beta, dc.loss, dc.label_smoothing) * w
+        per = losses.dpo_loss(margin, beta, dc.loss, dc.label_smoothing)
+        nll = losses.rpo_nll(sums["c_"], n_tok["c_"], 1.0)
+        per = (per + dc.rpo_alpha * nll) * w if dc.rpo_alpha else per * w
         aux = {
             "weight": w.sum(),
             "loss": per.sum(),
@@ -207,6 +209,7 @@ def dpo_loss_fn(model: Qwen3, config):
             "accuracy": ((margin > 0) * w).sum(),
             "chosen_logp": (sums["c_"] * w).sum(),
             "rejected_logp": (sums["r_"] * w).sum(),
+            "chosen_nll": (nll * w).sum(),  # mean token NLL of the chosen side (RPO's term before alpha)
             "rows": {"margin": margin, "keep": w, "pair_id": batch["pair_id"]},
             "state": state,
         }

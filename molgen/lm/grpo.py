@@ -122,13 +122,12 @@ def train_and_evaluate(config, workdir: str):
     )
     logp_fn = make_row_fn(lambda p, b: sequences.completion_logps(model, p, b)[0], mesh)
     pool = rewards.RewardPool(config.rewards_workers)
-    writer = mlog.MetricWriter(workdir)
+    writer = mlog.MetricWriter(workdir, resume_step=start)
     progress = mlog.Progress(tc.steps, start, "rollouts")
     main = jax.process_index() == 0
     trace = pathlib.Path(workdir) / "rollouts.jsonl"
-    if main and trace.exists():  # drop steps after the restored checkpoint: they are redone
-        keep = [ln for ln in trace.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
-        trace.write_text("".join(ln + "\n" for ln in keep))
+    if main:  # drop steps after the restored checkpoint: they are redone
+        mlog.truncate_jsonl(trace, start)
 
     def evaluate(params, step, name=None):
         if not (main and held):

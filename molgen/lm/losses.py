@@ -117,6 +117,13 @@ def dpo_loss(margin, beta, loss_type: str = "sigmoid", label_smoothing: float = 
     raise ValueError(f"dpo.loss={loss_type!r} is not one of {DPO_LOSSES}")
 
 
+def rpo_nll(chosen_logp_sum, chosen_tokens, alpha: float):
+    """RPO's extra term (Pang et al. 2024, "Iterative Reasoning Preference Optimization"):
+    alpha x the chosen completion's mean token negative log-likelihood, added to each pair's
+    DPO loss so that the chosen side's likelihood cannot fall while the margin grows."""
+    return -alpha * chosen_logp_sum / jnp.maximum(chosen_tokens, 1.0)
+
+
 class RiskBeta:
     """The seed project's risk/quantile dynamic beta, on the host, one update per step.
 

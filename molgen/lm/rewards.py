@@ -28,6 +28,7 @@ from collections import Counter
 import numpy as np
 from rdkit import RDLogger
 from scipy.optimize import linear_sum_assignment
+from scipy.special import expit
 
 from molgen.chem import conformers
 
@@ -41,7 +42,7 @@ def r_qual(d_GxM: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def soft_coverage(d_GxM: np.ndarray, delta: float, rho: float) -> np.ndarray:
-    k = 1.0 / (1.0 + np.exp(-(delta - d_GxM) / rho))  # K_ij
+    k = expit((delta - d_GxM) / rho)  # K_ij (expit: no overflow warning when D >> delta)
     miss = 1.0 - k
     # prod over l != i of (1 - K_lj), without dividing by (1 - K_ij) (which may be 0)
     g = d_GxM.shape[0]
