@@ -46,6 +46,7 @@ def get_config():
             temperature=0.5,  # T=1.0 gives ~54% validity after this short run, 0.7 ~85%, 0.5 ~93%
             top_k=0,
             top_p=1.0,
+            grammar=False,  # True: constrained decoding of coordinate blocks (README, "Grammar-constrained sampling")
             delta=0.75,
             seed=0,
         )

@@ -37,6 +37,7 @@ def _roundtrip(mol):
     smiles, enr = E.encode(mol)
     text = E.unit_text(smiles, enr)
     assert T.decode(T.encode(text)) == text
+    assert T.grammar_accepts(T.encode(text))  # constrained decoding never forbids a real unit
     dec = E.decode(enr)
     assert E.same_graph(dec, smiles)
     assert E.same_graph(dec, mol)
@@ -98,6 +99,7 @@ def test_decode_errors_name_the_problem():
 def test_tokenizer_roundtrips_arbitrary_ascii():
     for text in ["<1.2,3>", "[SMILES]Xx?[/SMILES]", "<-100.5,2.33333,4.1>", "%12C1", "<1,2,3>", ""]:
         assert T.decode(T.encode(text)) == text
+    assert T.grammar_accepts(T.encode(text))  # constrained decoding never forbids a real unit
     with pytest.raises(ValueError, match="no token"):
         T.encode("Cé")
 

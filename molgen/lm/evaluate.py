@@ -75,6 +75,7 @@ def evaluate(config, workdir: str, model_cfg, params, test_source) -> dict:
         top_k=ec.top_k,
         top_p=ec.top_p,
         pos_mode=config.data.positions,
+        grammar=ec.grammar,
     )
     per_mol = defaultdict(list)
     for k, t in zip(owners, texts, strict=False):

@@ -79,6 +79,7 @@ def sample_chunks(params, policy: Policy, prompts: list[np.ndarray], rng, gc):
             prompt_pos_BxP=jnp.asarray(pos),
             pos_state=tuple(jnp.asarray(x) for x in state),
             pos_mode=policy.positions,
+            grammar=gc.grammar and policy.codec == "molecular",
         )
         out, n_gen = np.asarray(out), np.asarray(n_gen)
         yield start, [out[i, : n_gen[i]] for i in range(n)]

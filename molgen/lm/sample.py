@@ -34,10 +34,10 @@ def filter_logits(logits_BxV, temperature: float, top_k: int, top_p: float):
     return logits
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("cfg", "max_new", "temperature", "top_k", "top_p", "greedy", "stop_id", "pos_mode", "window"),
-)
+STATIC = ("cfg", "max_new", "temperature", "top_k", "top_p", "greedy", "stop_id", "pos_mode", "window", "grammar")
+
+
+@functools.partial(jax.jit, static_argnames=STATIC)
 def generate(
     params,
     prompt_BxP,
@@ -55,11 +55,15 @@ def generate(
     pos_state=None,
     pos_mode: str = "sequential",
     window: int = 64,
+    grammar: bool = False,
 ):
     """New tokens [B, max_new] (PAD after a row stops) and the number generated per row.
 
     prompt_pos_BxP / pos_state: RoPE positions of the prompts and the position state after
     them (`prepare_prompts`); by default sequential positions.
+    grammar: constrained decoding; tokens that would break a coordinate block `<x,y,z>`
+    (tokenizer.grammar_mask) get probability 0 and the rest are renormalised. The prompts must
+    end outside a block (a conformer prompt ends with [CONFORMER]).
     """
     model = Qwen3(cfg)
     b, p = prompt_BxP.shape
@@ -72,7 +76,9 @@ def generate(
     last = jnp.take_along_axis(logits, (prompt_len_B - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
     last_pos = jnp.take_along_axis(pos, (prompt_len_B - 1)[:, None], axis=1)[:, 0]  # [B]
 
-    def pick(logits_BxV, key):
+    def pick(logits_BxV, key, gstate):
+        if grammar:
+            logits_BxV = jnp.where(tokenizer.grammar_mask(gstate), logits_BxV, -jnp.inf)
         if greedy:
             return jnp.argmax(logits_BxV, -1).astype(jnp.int32)
         return jax.random.categorical(key, filter_logits(logits_BxV, temperature, top_k, top_p)).astype(jnp.int32)
@@ -82,9 +88,10 @@ def generate(
     n_gen = jnp.zeros((b,), jnp.int32)
 
     def body(carry, attend_len):
-        i, cache, last, out, done, n_gen, rng, last_pos, state = carry
+        i, cache, last, out, done, n_gen, rng, last_pos, state, gstate = carry
         rng, key = jax.random.split(rng)
-        tok = jnp.where(done, tokenizer.PAD_ID, pick(last, key))
+        tok = jnp.where(done, tokenizer.PAD_ID, pick(last, key, gstate))
+        gstate = tokenizer.grammar_next(gstate, tok)
         out = out.at[:, i].set(tok)
         n_gen = n_gen + (~done).astype(jnp.int32)
         done = done | (tok == stop_id)
@@ -93,11 +100,12 @@ def generate(
         kv_slots = jnp.arange(attend_len)[None, :]
         mask = (kv_slots < prompt_len_B[:, None]) | ((kv_slots >= p) & (kv_slots <= slot))
         logits, cache = model.apply({"params": params}, tok[:, None], new_pos[:, None], mask[:, None, :], cache, slot)
-        return i + 1, cache, logits[:, 0], out, done, n_gen, rng, new_pos, tuple(state)
+        return i + 1, cache, logits[:, 0], out, done, n_gen, rng, new_pos, tuple(state), gstate
 
     # Decode in windows: the cache grows by `window` slots before each window of tokens, so a step
     # attends over at most window-1 empty slots instead of the whole unfilled tail.
-    carry = (jnp.int32(0), cache, last, out, done, n_gen, rng, last_pos, tuple(pos_state))
+    gstate = jnp.zeros((b,), jnp.int32)
+    carry = (jnp.int32(0), cache, last, out, done, n_gen, rng, last_pos, tuple(pos_state), gstate)
     for start in range(0, max_new, window):
         end = min(start + window, max_new)
         n = end - start
@@ -139,6 +147,7 @@ def sample_texts(
     top_p: float = 1.0,
     greedy: bool = False,
     pos_mode: str = "sequential",
+    grammar: bool = False,
 ) -> list[str]:
     """Prompt + completion text for every prompt, generated in batches of `batch_size`."""
     ids = [tokenizer.encode(p) for p in prompts]
@@ -163,6 +172,7 @@ def sample_texts(
             prompt_pos_BxP=jnp.asarray(pos),
             pos_state=tuple(jnp.asarray(x) for x in state),
             pos_mode=pos_mode,
+            grammar=grammar,
         )
         out = np.asarray(out)
         for i in range(n):
