@@ -3,9 +3,14 @@
 import os
 import pathlib
 import sys
+import tempfile
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 os.environ.setdefault("MOLGEN_CACHE", str(pathlib.Path.home() / ".cache" / "molgen"))
+# One persistent XLA compilation cache for this session, shared with every CLI subprocess (they
+# copy os.environ): a resumed or repeated tiny run reuses the programs its first run compiled.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="molgen_xla_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")  # not the eager ops
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))

@@ -53,7 +53,7 @@ def test_forces_match_finite_differences():
         x, m = _chain()
         x = x.astype(jnp.float64)
         topo, p = priors.topology(16), priors.as_jax(PARAMS, jnp.float64)
-        e = lambda y: priors.energy(p, y, m, topo)  # noqa: E731
+        e = jax.jit(lambda y: priors.energy(p, y, m, topo))  # one compile, 20 fast calls
         f = -jax.grad(e)(x)
         h, rng = 1e-5, np.random.default_rng(1)
         for _ in range(10):
