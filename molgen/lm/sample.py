@@ -91,7 +91,7 @@ def generate(
         i, cache, last, out, done, n_gen, rng, last_pos, state, gstate = carry
         rng, key = jax.random.split(rng)
         tok = jnp.where(done, tokenizer.PAD_ID, pick(last, key, gstate))
-        gstate = tokenizer.grammar_next(gstate, tok)
+        gstate = tokenizer.grammar_next(gstate, tok) if grammar else gstate
         out = out.at[:, i].set(tok)
         n_gen = n_gen + (~done).astype(jnp.int32)
         done = done | (tok == stop_id)
