@@ -199,9 +199,8 @@ def dpo_loss_fn(model: Qwen3, config):
             state = {"beta": beta, "m0": m0, "s": s}
         else:
             beta, w = ctrl["beta"], jnp.ones_like(margin)
-        per = losses.dpo_loss(margin, beta, dc.loss, dc.label_smoothing)
-        nll = losses.rpo_nll(sums["c_"], n_tok["c_"], 1.0)
-        per = (per + dc.rpo_alpha * nll) * w if dc.rpo_alpha else per * w
+        nll = losses.rpo_nll(sums["c_"], n_tok["c_"], 1.0)  # logged; in the loss when dpo.rpo_alpha > 0
+        per = (losses.dpo_loss(margin, beta, dc.loss, dc.label_smoothing) + dc.rpo_alpha * nll) * w
         aux = {
             "weight": w.sum(),
             "loss": per.sum(),

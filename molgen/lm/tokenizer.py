@@ -229,6 +229,20 @@ def grammar_table() -> np.ndarray:
     return allowed
 
 
+@functools.lru_cache(maxsize=1)
+def grammar_transitions() -> np.ndarray:
+    """next_state[state, class]: `<int` opens a block (k=1), `,int` moves to the next
+    coordinate, `>` closes it, fraction and digit tokens inside a block count up f (to 2);
+    every other class leaves the state as it is."""
+    nxt = np.repeat(np.arange(12, dtype=np.int32)[:, None], 7, axis=1)
+    for st in range(12):
+        k, f = divmod(st, 3)
+        nxt[st, G_OPEN], nxt[st, G_COMMA], nxt[st, G_CLOSE] = 3, 3 * min(k + 1, 3), 0
+        if k:
+            nxt[st, [G_FRAC, G_DIGITS]] = 3 * k + min(f + 1, 2)
+    return nxt
+
+
 def grammar_accepts(ids) -> bool:
     """Whether the automaton allows every token of `ids`, starting outside a block (host side)."""
     st, table = 0, grammar_table()
@@ -241,29 +255,14 @@ def grammar_accepts(ids) -> bool:
 
 def grammar_next_host(st: int, c: int) -> int:
     """The automaton step on the host: state `st`, token class `c`."""
-    k, f = st // 3, st % 3
-    if c == G_OPEN:
-        return 3
-    if c == G_COMMA:
-        return 3 * min(k + 1, 3)
-    if c == G_CLOSE:
-        return 0
-    if k and c in (G_FRAC, G_DIGITS):
-        return 3 * k + min(f + 1, 2)
-    return st
+    return int(grammar_transitions()[st, c])
 
 
 def grammar_next(state_B, tok_B):
     """jnp: the automaton state after token `tok_B` (one decoding step)."""
     import jax.numpy as jnp
 
-    c = jnp.asarray(grammar_classes())[tok_B]
-    k, f = state_B // 3, state_B % 3
-    inside = (k > 0) & ((c == G_FRAC) | (c == G_DIGITS))
-    out = jnp.where(inside, 3 * k + jnp.minimum(f + 1, 2), state_B)
-    out = jnp.where(c == G_OPEN, 3, out)
-    out = jnp.where(c == G_COMMA, 3 * jnp.minimum(k + 1, 3), out)
-    return jnp.where(c == G_CLOSE, 0, out).astype(jnp.int32)
+    return jnp.asarray(grammar_transitions())[state_B, jnp.asarray(grammar_classes())[tok_B]]
 
 
 def grammar_mask(state_B):
