@@ -187,3 +187,13 @@ def test_grammar_constrained_sampling_writes_only_well_formed_coordinate_blocks(
             assert all(t.count("<") - t.count(">") in (0, 1) for t in texts)  # at most the last block still open
         else:
             assert not all(ok)
+    # a prompt that ends inside a block (a repair prefix): the automaton starts in its state
+    prompt = np.concatenate([T.encode("[SMILES]CCO[/SMILES][CONFORMER][C]"), [T._index()[t] for t in ("<1", ",2")]])
+    cut, st = T.grammar_violation(prompt)
+    assert cut == -1 and st == 6  # two delimiters seen, no fraction yet
+    assert T.grammar_violation([T._index()[t] for t in ("[C]", "<1", ",2", "<3")])[0] == 3  # `<3` breaks the block
+    arr, lens, pos, state = sample.prepare_prompts([prompt] * 8)
+    out, _ = sample.generate(params, jnp.asarray(arr), jnp.asarray(lens), jax.random.key(2), cfg=cfg, max_new=200,
+                             stop_id=-1, grammar=True, grammar_state_B=jnp.full((8,), st))  # fmt: skip
+    for o in np.asarray(out):
+        assert T.grammar_violation(np.concatenate([prompt, o]))[0] == -1

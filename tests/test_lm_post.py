@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from molgen.lm import losses, rewards
+from molgen.lm import losses, rewards, tokenizer
 
 
 def sig(x):
@@ -187,3 +187,20 @@ def test_beta_dpo_select():
     assert float(m0) == pytest.approx(0.9 * 1.0 + 0.1 * 4.5) and float(s) == pytest.approx(0.9 * 2 + 0.1 * 2.8722813)
     keep, beta, *_ = losses.beta_dpo_select(gap, 100.0, 1.0, True, jax.random.key(1), **kw)
     assert float(beta) == pytest.approx(1e-3)  # clamped
+
+
+def test_dpo_trains_on_the_sampled_ids_not_a_re_encoding():
+    """A completion that breaks a coordinate block re-encodes to other tokens than the sampled
+    ones (here the sampled `.5` `20` becomes `.52` `0`); DPO must use the sampled ids."""
+    from molgen.lm import dpo
+
+    sampled = [tokenizer._index()[t] for t in ("[C]", "<1", ".5", "20", ",2", ",3", ">", "[/CONFORMER]")]
+    text = tokenizer.decode(sampled)
+    assert tokenizer.encode(text).tolist() != sampled
+    pair = {"chosen": text, "rejected": text, "chosen_ids": sampled}
+    assert dpo.sampled_ids(pair, "chosen", "molecular").tolist() == sampled
+    assert dpo.sampled_ids(pair, "rejected", "molecular").tolist() == tokenizer.encode(text).tolist()
+    with pytest.raises(ValueError, match="chosen_ids do not decode"):
+        dpo.sampled_ids({**pair, "chosen_ids": sampled[:-1]}, "chosen", "molecular")
+    with pytest.raises(ValueError, match="not a list of token ids"):
+        dpo.sampled_ids({**pair, "chosen_ids": [-3]}, "chosen", "molecular")

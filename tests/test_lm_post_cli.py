@@ -13,7 +13,7 @@ import time
 import pytest
 from test_cli import ROOT, _env
 
-from molgen.lm import rewards, rollouts
+from molgen.lm import rewards, rollouts, tokenizer
 
 
 def cli(config, workdir, *overrides, timeout=600):
@@ -48,7 +48,29 @@ def test_rollouts_manifest_judged_and_pairs(chain):
     assert len(judged) == 24 and all({"reward", "r_smcov", "valid", "reason"} <= set(j) for j in judged)
     pairs = lines(ro / "pairs.jsonl")
     assert len(pairs) == 6 and all(p["chosen_reward"] >= p["rejected_reward"] for p in pairs)
+    # the pairs carry the ids the policy sampled, which DPO trains on
+    assert all(tokenizer.decode(p[k + "_ids"]) == p[k] for p in pairs for k in ("chosen", "rejected"))
     assert len(lines(ro / "pairs_train.jsonl")) + len(lines(ro / "pairs_heldout.jsonl")) == 6
+
+
+def test_prefix_pairs_share_the_prefix_up_to_the_first_break(chain, tmp_path):
+    cli("experiments/lm_rollouts.py:tiny", tmp_path, f"--config.policy.workdir={chain / 'sft'}",
+        "--config.pairs.mode=prefix")  # fmt: skip
+    judged = {(r["prompt_id"], r["k"]): r for r in lines(tmp_path / "judged.jsonl")}
+    broken = [r for r in judged.values() if tokenizer.grammar_violation(r["ids"])[0] >= 0]
+    repairs = lines(tmp_path / "repairs.jsonl")
+    assert broken and len(repairs) == len(broken) and {"reward", "valid", "reason"} <= set(repairs[0])
+    for c in repairs:
+        o, cut = judged[(c["prompt_id"], c["k"])]["ids"], c["prefix_tokens"]
+        assert tokenizer.grammar_violation(o)[0] == cut and c["ids"][:cut] == o[:cut]
+        assert tokenizer.grammar_violation(c["ids"])[0] == -1  # the repair is resampled under the grammar
+    pairs = lines(tmp_path / "pairs.jsonl")
+    assert pairs and len(pairs) <= len(repairs)
+    for p in pairs:
+        n = p["prefix_tokens"]
+        assert p["chosen_ids"][:n] == p["rejected_ids"][:n] and len(p["rejected_ids"]) == n + 1
+        assert tokenizer.grammar_violation(p["rejected_ids"])[0] == n
+    assert json.loads((tmp_path / "summary.json").read_text())["repaired"] == len(repairs)
 
 
 def test_judge_skips_malformed_lines_and_bad_prompts(chain, tmp_path):

@@ -40,7 +40,7 @@ from molgen.core import loop
 from molgen.core import streams as streams_lib
 from molgen.core.distributed import make_mesh
 from molgen.core.step import AXIS
-from molgen.lm import losses, rewards, rollouts, sequences
+from molgen.lm import losses, rewards, rollouts, sequences, tokenizer
 from molgen.lm import policy as policy_lib
 from molgen.lm.model import Qwen3
 
@@ -68,7 +68,7 @@ def pair_rows(pairs: list[dict], pol: policy_lib.Policy, max_len: int, path: str
             prompt = sequences.encode_text(p["prompt"], pol.codec)
             row = {"pair_id": np.int32(i)}
             for side, key in zip(SIDES, ("chosen", "rejected"), strict=True):
-                r = sequences.make_row(prompt, sequences.completion_ids(p[key], pol.codec), max_len, pol.positions)
+                r = sequences.make_row(prompt, sampled_ids(p, key, pol.codec), max_len, pol.positions)
                 cut += int(r.pop("truncated"))
                 row.update({side + k: v for k, v in r.items()})
         except ValueError as e:
@@ -79,6 +79,22 @@ def pair_rows(pairs: list[dict], pol: policy_lib.Policy, max_len: int, path: str
     if skipped or cut:
         log.warning("%s: %d pairs skipped, %d completions cut at data.max_len=%d", path, skipped, cut, max_len)
     return out
+
+
+def sampled_ids(pair: dict, key: str, codec: str) -> np.ndarray:
+    """Completion ids of pair[key]: the ids the policy sampled (`{key}_ids`, written by
+    lm_rollouts) when the pair has them, else the encoded text. Re-encoding is canonical, and
+    a sampled completion that breaks a coordinate block is not: DPO must push down the tokens
+    the policy wrote. ValueError when the ids do not decode to the text."""
+    ids = pair.get(f"{key}_ids")
+    if ids is None or codec != "molecular":
+        return sequences.completion_ids(pair[key], codec)
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or ids.dtype.kind not in "iu" or ((ids < 0) | (ids >= tokenizer.vocab_size())).any():
+        raise ValueError(f"{key}_ids is not a list of token ids")
+    if tokenizer.decode(ids) != pair[key]:
+        raise ValueError(f"{key}_ids do not decode to the {key} text")
+    return ids.astype(np.int32)
 
 
 def _stack(rows: list[dict], keys) -> dict:

@@ -3,12 +3,18 @@
 The `lm_rollouts` family (experiments/lm_rollouts.py) writes into its workdir:
 - `prompts.jsonl`: one line per prompt molecule: prompt_id, SMILES, prompt text and its
   reference conformers (enriched strings, the judge's ground truth);
-- `rollouts.jsonl`: one line per candidate (prompt_id, k index, completion text, tokens);
+- `rollouts.jsonl`: one line per candidate (prompt_id, k index, completion text, the sampled
+  token ids and their count). DPO trains on these ids: re-encoding the text would give a
+  malformed completion another tokenization than the one the policy sampled (for 95% of the
+  decode failures of the quick rollouts), and DPO would push down sequences the policy never writes;
 - `manifest.json`: policy workdir, model, sampling config, seed and counts;
 - `judged.jsonl`: each candidate with its reward, components, validity and failure reason;
 - `pairs.jsonl`, split by prompt into `pairs_train.jsonl` / `pairs_heldout.jsonl`:
   `{prompt, chosen, rejected, ...}` by `best_worst` (per prompt, the best against the worst
-  candidate) or `all_pairs` (every ordered pair whose reward gap exceeds the margin).
+  candidate), `all_pairs` (every ordered pair whose reward gap exceeds the margin) or `prefix`
+  (step-level: every candidate that breaks the coordinate grammar is repaired by resampling
+  from just before the break, and the judged repair is chosen over the broken prefix;
+  `repairs.jsonl` holds the judged repairs).
 
 Readers never die on one bad record: a malformed JSONL line, a prompt whose SMILES does not
 parse or a candidate whose prompt is unknown is skipped, counted and named in the log and in
@@ -36,6 +42,7 @@ from molgen.lm import rewards, sample, sequences, tokenizer
 from molgen.lm.policy import Policy
 
 log = logging.getLogger("molgen")
+PAIR_MODES = ("best_worst", "all_pairs", "prefix")
 
 
 # --- prompts -----------------------------------------------------------------------------
@@ -55,16 +62,19 @@ def prompt_ids(smiles: str) -> np.ndarray:
 
 
 # --- sampling ----------------------------------------------------------------------------
-def sample_chunks(params, policy: Policy, prompts: list[np.ndarray], rng, gc):
+def sample_chunks(params, policy: Policy, prompts: list[np.ndarray], rng, gc, gstates=None):
     """Yield (start, [completion ids]) per chunk of `gc.batch_size` prompts (fixed shapes, one
-    compilation). Completion ids end with the stop token when the model emitted it."""
+    compilation). Completion ids end with the stop token when the model emitted it.
+    `gstates`: grammar automaton state after each prompt; given, decoding is grammar-constrained
+    and the prompts (which may end inside a coordinate block) are padded to multiples of 128."""
     params = jax.device_put(params, jax.local_devices()[0])  # one device samples; no replicated decode
     stop = sequences.stop_id(policy.codec)
     for start in range(0, len(prompts), gc.batch_size):
         chunk = prompts[start : start + gc.batch_size]
         n = len(chunk)
         chunk = chunk + [chunk[-1]] * (gc.batch_size - n)
-        arr, lens, pos, state = sample.prepare_prompts(chunk, policy.positions)
+        arr, lens, pos, state = sample.prepare_prompts(chunk, policy.positions, 16 if gstates is None else 128)
+        gs = None if gstates is None else jnp.asarray(gstates[start : start + n] + [0] * (gc.batch_size - n))
         out, n_gen = sample.generate(
             params,
             jnp.asarray(arr),
@@ -79,7 +89,8 @@ def sample_chunks(params, policy: Policy, prompts: list[np.ndarray], rng, gc):
             prompt_pos_BxP=jnp.asarray(pos),
             pos_state=tuple(jnp.asarray(x) for x in state),
             pos_mode=policy.positions,
-            grammar=gc.grammar and policy.codec == "molecular",
+            grammar=(gc.grammar or gstates is not None) and policy.codec == "molecular",
+            grammar_state_B=gs,
         )
         out, n_gen = np.asarray(out), np.asarray(n_gen)
         yield start, [out[i, : n_gen[i]] for i in range(n)]
@@ -210,21 +221,66 @@ def make_pairs(judged: list[dict], prompts: dict, mode: str = "best_worst", marg
         elif mode == "all_pairs":
             todo = [(a, b) for i, a in enumerate(cands) for b in cands[i + 1 :]]
         else:
-            raise ValueError(f"pairs.mode={mode!r} is not 'best_worst' or 'all_pairs'")
+            raise ValueError(f"pairs.mode={mode!r} is not 'best_worst', 'all_pairs' or 'prefix'")
         todo = [(a, b) for a, b in todo if a["reward"] - b["reward"] > margin]
         if max_per_prompt:
             todo = todo[:max_per_prompt]
         for a, b in todo:
-            pairs.append(
-                {
-                    "prompt_id": pid,
-                    "prompt": prompt,
-                    "chosen": a["completion"],
-                    "rejected": b["completion"],
-                    "chosen_reward": a["reward"],
-                    "rejected_reward": b["reward"],
-                }
-            )
+            pair = {"prompt_id": pid, "prompt": prompt, "chosen": a["completion"], "rejected": b["completion"],
+                    "chosen_reward": a["reward"], "rejected_reward": b["reward"]}  # fmt: skip
+            if "ids" in a and "ids" in b:
+                pair.update(chosen_ids=a["ids"], rejected_ids=b["ids"])
+            pairs.append(pair)
+    return pairs
+
+
+def repair_candidates(params, policy: Policy, groups: dict, judged: list[dict], gc, rng, reward_cfg, pool):
+    """Judged repairs of every candidate whose sampled ids break the coordinate grammar: the
+    policy resamples the rest from the token before the first break, under the grammar.
+    Each record has the original's prompt_id and k, `prefix_tokens` (ids kept) and the
+    judge's fields; `groups` maps prompt_id to {smiles, refs}."""
+    todo = []
+    for r in judged:
+        if r.get("valid") or "ids" not in r or r["prompt_id"] not in groups:
+            continue
+        cut, st = tokenizer.grammar_violation(r["ids"])
+        if cut >= 0:
+            todo.append((r, cut, st))
+    todo.sort(key=lambda t: t[1])  # chunks of similar prefix lengths pad little
+    prompts = [np.concatenate([prompt_ids(groups[r["prompt_id"]]["smiles"]), np.asarray(r["ids"][:cut], np.int32)])
+               for r, cut, _ in todo]  # fmt: skip
+    by_prompt = defaultdict(list)
+    for start, chunk in sample_chunks(params, policy, prompts, rng, gc, [st for *_, st in todo]):
+        for (r, cut, _), cont in zip(todo[start : start + len(chunk)], chunk, strict=True):
+            ids = [int(i) for i in r["ids"][:cut]] + cont.tolist()
+            rec = {"prompt_id": r["prompt_id"], "k": r["k"], "prefix_tokens": cut, "completion": tokenizer.decode(ids)}
+            by_prompt[r["prompt_id"]].append({**rec, "tokens": len(ids), "ids": ids})
+        log.info("repaired %d / %d broken candidates", min(start + gc.batch_size, len(todo)), len(todo))
+    pids = sorted(by_prompt)
+    texts = [[enriched.prompt_text(groups[p]["smiles"]) + c["completion"] for c in by_prompt[p]] for p in pids]
+    scores = pool.collect(pool.submit(judge_jobs([groups[p] for p in pids], texts, reward_cfg))) if pids else []
+    out = []
+    for p, j in zip(pids, scores, strict=True):
+        out += [{**c, **sc} for c, sc in zip(by_prompt[p], j["records"], strict=True)]
+    return out
+
+
+def prefix_pairs(repairs: list[dict], judged: list[dict], prompts: dict, margin: float = 0.0, max_per_prompt=0):
+    """Step-level pairs (Step-DPO, Lai et al. 2024) from `repair_candidates`: chosen = the
+    repaired candidate, rejected = the original up to and including its first grammar-breaking
+    token. Both share the prefix, so DPO's margin sees only the tokens where they part."""
+    orig = {(r["prompt_id"], r["k"]): r for r in judged}
+    pairs, count = [], defaultdict(int)
+    for c in sorted(repairs, key=lambda c: (c["prompt_id"], c["k"])):
+        o, cut = orig[(c["prompt_id"], c["k"])], c["prefix_tokens"]
+        if c["reward"] - o["reward"] <= margin or (max_per_prompt and count[c["prompt_id"]] >= max_per_prompt):
+            continue
+        count[c["prompt_id"]] += 1
+        rejected = [int(i) for i in o["ids"][: cut + 1]]
+        pairs.append({"prompt_id": c["prompt_id"], "prompt": enriched.prompt_text(prompts[c["prompt_id"]]["smiles"]),
+                      "chosen": c["completion"], "rejected": tokenizer.decode(rejected), "chosen_ids": c["ids"],
+                      "rejected_ids": rejected, "chosen_reward": c["reward"], "rejected_reward": o["reward"],
+                      "prefix_tokens": cut})  # fmt: skip
     return pairs
 
 
@@ -269,6 +325,8 @@ def train_and_evaluate(config, workdir: str):
     from molgen.lm import policy as policy_lib
     from molgen.lm.pretrain import init_params
 
+    if config.pairs.mode not in PAIR_MODES:
+        raise ValueError(f"pairs.mode={config.pairs.mode!r} is not one of {PAIR_MODES}")
     pdir = policy_lib.ensure_run(config.policy.workdir, config.policy.build_config)
     pol = policy_lib.load_policy(pdir)
     params = policy_lib.load_params(pol, jax.eval_shape(lambda: init_params(pol.model, 0)))
@@ -289,7 +347,7 @@ def train_and_evaluate(config, workdir: str):
         for j, ids in enumerate(chunk):
             g = groups[(start + j) // k]
             rows.append({"prompt_id": g["prompt_id"], "k": (start + j) % k, "completion": tokenizer.decode(ids),
-                         "tokens": len(ids)})  # fmt: skip
+                         "tokens": len(ids), "ids": ids.tolist()})  # fmt: skip
         log.info("sampled %d / %d candidates", len(rows), len(prompts))
     write_jsonl(w / "rollouts.jsonl", rows)
     manifest = {
@@ -303,18 +361,26 @@ def train_and_evaluate(config, workdir: str):
         "data": config.data.to_dict(),
     }
     loop.write_json(workdir, "manifest.json", manifest)
+    pc, prompts_by_id = config.pairs, {g["prompt_id"]: g for g in groups}
     pool = rewards.RewardPool(config.rewards_workers)
     try:
         counts = judge_file(w, config.rewards.to_dict(), pool)
+        log.info("judged: %s", counts)
+        judged = [r for _, r in read_jsonl(w / "judged.jsonl")]
+        if pc.mode == "prefix":
+            rng = jax.random.fold_in(jax.random.key(rc.seed), 1)
+            repairs = repair_candidates(params, pol, prompts_by_id, judged, rc, rng, config.rewards.to_dict(), pool)
+            write_jsonl(w / "repairs.jsonl", repairs)
     finally:
         pool.close()
-    log.info("judged: %s", counts)
-    judged = [r for _, r in read_jsonl(w / "judged.jsonl")]
-    prompts_by_id = {g["prompt_id"]: g for g in groups}
-    pairs = make_pairs(judged, prompts_by_id, config.pairs.mode, config.pairs.margin, config.pairs.max_per_prompt)
-    rng = np.random.default_rng(config.pairs.seed)
+    if pc.mode == "prefix":
+        pairs = prefix_pairs(repairs, judged, prompts_by_id, pc.margin, pc.max_per_prompt)
+        counts.update(repaired=len(repairs), repaired_valid=sum(bool(r["valid"]) for r in repairs))
+    else:
+        pairs = make_pairs(judged, prompts_by_id, pc.mode, pc.margin, pc.max_per_prompt)
+    rng = np.random.default_rng(pc.seed)
     pids = sorted({p["prompt_id"] for p in pairs})
-    held = set(rng.permutation(pids)[: int(round(len(pids) * config.pairs.heldout_frac))].tolist())
+    held = set(rng.permutation(pids)[: int(round(len(pids) * pc.heldout_frac))].tolist())
     write_jsonl(w / "pairs.jsonl", pairs)
     n_tr = write_jsonl(w / "pairs_train.jsonl", [p for p in pairs if p["prompt_id"] not in held])
     n_ho = write_jsonl(w / "pairs_heldout.jsonl", [p for p in pairs if p["prompt_id"] in held])

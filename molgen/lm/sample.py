@@ -56,14 +56,16 @@ def generate(
     pos_mode: str = "sequential",
     window: int = 64,
     grammar: bool = False,
+    grammar_state_B=None,
 ):
     """New tokens [B, max_new] (PAD after a row stops) and the number generated per row.
 
     prompt_pos_BxP / pos_state: RoPE positions of the prompts and the position state after
     them (`prepare_prompts`); by default sequential positions.
     grammar: constrained decoding; tokens that would break a coordinate block `<x,y,z>`
-    (tokenizer.grammar_mask) get probability 0 and the rest are renormalised. The prompts must
-    end outside a block (a conformer prompt ends with [CONFORMER]).
+    (tokenizer.grammar_mask) get probability 0 and the rest are renormalised. The prompts end
+    outside a block (a conformer prompt ends with [CONFORMER]) unless `grammar_state_B` gives
+    the automaton state after each prompt (tokenizer.grammar_violation).
     """
     model = Qwen3(cfg)
     b, p = prompt_BxP.shape
@@ -104,7 +106,7 @@ def generate(
 
     # Decode in windows: the cache grows by `window` slots before each window of tokens, so a step
     # attends over at most window-1 empty slots instead of the whole unfilled tail.
-    gstate = jnp.zeros((b,), jnp.int32)
+    gstate = jnp.zeros((b,), jnp.int32) if grammar_state_B is None else jnp.asarray(grammar_state_B, jnp.int32)
     carry = (jnp.int32(0), cache, last, out, done, n_gen, rng, last_pos, tuple(pos_state), gstate)
     for start in range(0, max_new, window):
         end = min(start + window, max_new)

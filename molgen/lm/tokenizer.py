@@ -243,14 +243,20 @@ def grammar_transitions() -> np.ndarray:
     return nxt
 
 
+def grammar_violation(ids) -> tuple[int, int]:
+    """(index of the first token of `ids` the automaton forbids, or -1; the automaton state
+    before that token, or after all of them), starting outside a block (host side)."""
+    st, table = 0, grammar_table()
+    for n, c in enumerate(grammar_classes()[np.asarray(ids, np.int64)]):
+        if not table[st, c]:
+            return n, st
+        st = grammar_next_host(st, int(c))
+    return -1, st
+
+
 def grammar_accepts(ids) -> bool:
     """Whether the automaton allows every token of `ids`, starting outside a block (host side)."""
-    st, table = 0, grammar_table()
-    for c in grammar_classes()[np.asarray(ids, np.int64)]:
-        if not table[st, c]:
-            return False
-        st = grammar_next_host(st, int(c))
-    return True
+    return grammar_violation(ids)[0] < 0
 
 
 def grammar_next_host(st: int, c: int) -> int:
