@@ -191,7 +191,10 @@ def test_grammar_constrained_sampling_writes_only_well_formed_coordinate_blocks(
     prompt = np.concatenate([T.encode("[SMILES]CCO[/SMILES][CONFORMER][C]"), [T._index()[t] for t in ("<1", ",2")]])
     cut, st = T.grammar_violation(prompt)
     assert cut == -1 and st == 6  # two delimiters seen, no fraction yet
-    assert T.grammar_violation([T._index()[t] for t in ("[C]", "<1", ",2", "<3")])[0] == 3  # `<3` breaks the block
+    ids = [T._index()[t] for t in ("[C]", "<1", ",2", "<3")]
+    assert T.grammar_violation(ids)[0] == 3  # `<3` breaks the block
+    ids = [T._index()[t] for t in ("[C]", "<1", ",2", ",3", ">", "[O]", "<1", ".5", ",2", ",3", ">", "[C]")]
+    assert [T.grammar_step_end(ids, i) for i in (0, 1, 3, 5, 7, 11)] == [0, 4, 4, 5, 10, 11]
     arr, lens, pos, state = sample.prepare_prompts([prompt] * 8)
     out, _ = sample.generate(params, jnp.asarray(arr), jnp.asarray(lens), jax.random.key(2), cfg=cfg, max_new=200,
                              stop_id=-1, grammar=True, grammar_state_B=jnp.full((8,), st))  # fmt: skip

@@ -70,6 +70,8 @@ def test_prefix_pairs_share_the_prefix_up_to_the_first_break(chain, tmp_path):
         n = p["prefix_tokens"]
         assert p["chosen_ids"][:n] == p["rejected_ids"][:n] and len(p["rejected_ids"]) == n + 1
         assert tokenizer.grammar_violation(p["rejected_ids"])[0] == n
+        assert tokenizer.grammar_violation(p["chosen_ids"]) == (-1, 0)  # chosen: through the repaired step
+        assert p["chosen_full"].startswith(p["chosen"]) and len(p["chosen_ids"]) > n
     assert json.loads((tmp_path / "summary.json").read_text())["repaired"] == len(repairs)
 
 

@@ -266,9 +266,12 @@ def repair_candidates(params, policy: Policy, groups: dict, judged: list[dict], 
 
 
 def prefix_pairs(repairs: list[dict], judged: list[dict], prompts: dict, margin: float = 0.0, max_per_prompt=0):
-    """Step-level pairs (Step-DPO, Lai et al. 2024) from `repair_candidates`: chosen = the
-    repaired candidate, rejected = the original up to and including its first grammar-breaking
-    token. Both share the prefix, so DPO's margin sees only the tokens where they part."""
+    """Step-level pairs (Step-DPO, Lai et al. 2024) from `repair_candidates` whose repair the
+    judge scores above the original by more than `margin`: chosen = the repair up to the end of
+    the repaired step (the `>` of the coordinate block it fixes), rejected = the original up to
+    and including its first grammar-breaking token. Both share the prefix, so DPO's margin sees
+    only the step where they part; the rest of the repair (`chosen_full`), a fresh sample of the
+    policy, would add only noise to the margin."""
     orig = {(r["prompt_id"], r["k"]): r for r in judged}
     pairs, count = [], defaultdict(int)
     for c in sorted(repairs, key=lambda c: (c["prompt_id"], c["k"])):
@@ -277,11 +280,23 @@ def prefix_pairs(repairs: list[dict], judged: list[dict], prompts: dict, margin:
             continue
         count[c["prompt_id"]] += 1
         rejected = [int(i) for i in o["ids"][: cut + 1]]
+        chosen = c["ids"][: tokenizer.grammar_step_end(c["ids"], cut) + 1]
         pairs.append({"prompt_id": c["prompt_id"], "prompt": enriched.prompt_text(prompts[c["prompt_id"]]["smiles"]),
-                      "chosen": c["completion"], "rejected": tokenizer.decode(rejected), "chosen_ids": c["ids"],
+                      "chosen": tokenizer.decode(chosen), "rejected": tokenizer.decode(rejected), "chosen_ids": chosen,
                       "rejected_ids": rejected, "chosen_reward": c["reward"], "rejected_reward": o["reward"],
-                      "prefix_tokens": cut})  # fmt: skip
+                      "prefix_tokens": cut, "chosen_full": c["completion"]})  # fmt: skip
     return pairs
+
+
+def write_pairs(workdir, pairs: list[dict], heldout_frac: float, seed: int) -> tuple[int, int]:
+    """pairs.jsonl and its split by prompt (a `heldout_frac` of the prompts, drawn with `seed`)
+    into pairs_train.jsonl / pairs_heldout.jsonl; returns the two counts."""
+    w, rng = pathlib.Path(workdir), np.random.default_rng(seed)
+    pids = sorted({p["prompt_id"] for p in pairs})
+    held = set(rng.permutation(pids)[: int(round(len(pids) * heldout_frac))].tolist())
+    write_jsonl(w / "pairs.jsonl", pairs)
+    n_tr = write_jsonl(w / "pairs_train.jsonl", [p for p in pairs if p["prompt_id"] not in held])
+    return n_tr, write_jsonl(w / "pairs_heldout.jsonl", [p for p in pairs if p["prompt_id"] in held])
 
 
 def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -378,12 +393,7 @@ def train_and_evaluate(config, workdir: str):
         counts.update(repaired=len(repairs), repaired_valid=sum(bool(r["valid"]) for r in repairs))
     else:
         pairs = make_pairs(judged, prompts_by_id, pc.mode, pc.margin, pc.max_per_prompt)
-    rng = np.random.default_rng(pc.seed)
-    pids = sorted({p["prompt_id"] for p in pairs})
-    held = set(rng.permutation(pids)[: int(round(len(pids) * pc.heldout_frac))].tolist())
-    write_jsonl(w / "pairs.jsonl", pairs)
-    n_tr = write_jsonl(w / "pairs_train.jsonl", [p for p in pairs if p["prompt_id"] not in held])
-    n_ho = write_jsonl(w / "pairs_heldout.jsonl", [p for p in pairs if p["prompt_id"] in held])
+    n_tr, n_ho = write_pairs(w, pairs, pc.heldout_frac, pc.seed)
     summary = rewards.summarize(judged)
     summary.update(pairs=len(pairs), pairs_train=n_tr, pairs_heldout=n_ho, **counts)
     loop.write_json(workdir, "summary.json", summary)

@@ -254,6 +254,18 @@ def grammar_violation(ids) -> tuple[int, int]:
     return -1, st
 
 
+def grammar_step_end(ids, start: int) -> int:
+    """Index of the token that ends the step starting at `start`: the first token from `start` on
+    after which the automaton is outside a block (the `>` of a coordinate block that is open at
+    `start` or opened there; `start` itself for a skeleton token); len(ids) - 1 if none."""
+    st, classes = 0, grammar_classes()[np.asarray(ids, np.int64)]
+    for n, c in enumerate(classes):
+        st = grammar_next_host(st, int(c))
+        if n >= start and st == 0:
+            return n
+    return len(classes) - 1
+
+
 def grammar_accepts(ids) -> bool:
     """Whether the automaton allows every token of `ids`, starting outside a block (host side)."""
     return grammar_violation(ids)[0] < 0
