@@ -249,31 +249,39 @@ def pair_eval(model, params, ref, rows) -> dict:
     }
 
 
-def _plot(workdir: str):
+def plot_beta(workdirs: list[str], out) -> bool:
+    """beta, the threshold (risk: tau, beta-DPO: M0) and the batch mean margin over steps for
+    one or more DPO runs (each labelled with its beta_mode); False when none logged beta."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = mlog.read_metrics(workdir)
-    tr = [r for r in recs if "train/beta" in r]
-    if not tr:
-        return
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    steps = [r["step"] for r in tr]
-    ax[0].plot(steps, [r["train/beta"] for r in tr])
-    ax[0].set(xlabel="step", ylabel="beta", title="beta")
-    for key, lab in (("train/tau", "tau (risk threshold)"), ("train/threshold", "M0 (beta-DPO threshold)")):
-        pts = [(r["step"], r[key]) for r in tr if r.get(key) is not None]
-        if pts:
-            ax[1].plot(*zip(*pts, strict=True), label=lab)
-    ax[1].plot(steps, [r["train/margin"] for r in tr], alpha=0.5, label="batch mean margin")
-    ax[1].set(xlabel="step", ylabel="margin", title="threshold and margins")
-    ax[1].legend()
+    runs = [(wd, [r for r in mlog.read_metrics(wd) if "train/beta" in r]) for wd in workdirs]
+    runs = [(wd, tr) for wd, tr in runs if tr]
+    if not runs:
+        return False
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    for wd, tr in runs:
+        mode = json.loads((pathlib.Path(wd) / "config.json").read_text())["dpo"]["beta_mode"]
+        steps = [r["step"] for r in tr]
+        ax[0].plot(steps, [r["train/beta"] for r in tr], label=mode)
+        for key, lab in (("train/tau", "tau"), ("train/threshold", "M0")):
+            pts = [(r["step"], r[key]) for r in tr if r.get(key) is not None]
+            if pts:
+                ax[1].plot(*zip(*pts, strict=True), label=f"{mode}: {lab}")
+        ax[2].plot(steps, [r["train/margin"] for r in tr], alpha=0.7, label=mode)
+    ax[0].set(xlabel="step", ylabel="beta", title="beta", yscale="log")
+    ax[1].set(xlabel="step", ylabel="margin", title="threshold (risk: tau, beta-DPO: M0)")
+    ax[2].set(xlabel="step", ylabel="margin", title="batch mean margin")
+    for a in ax:
+        if a.get_legend_handles_labels()[0]:
+            a.legend()
     fig.tight_layout()
-    (pathlib.Path(workdir) / "plots").mkdir(exist_ok=True)
-    fig.savefig(pathlib.Path(workdir) / "plots" / "dpo_beta.png", dpi=120)
+    pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
+    return True
 
 
 # --- family entry ------------------------------------------------------------------------
@@ -346,7 +354,7 @@ def train_and_evaluate(config, workdir: str):
         summary = {"before": json.loads(before.read_text()), "after": final, "beta_mode": dc.beta_mode}
         loop.write_json(workdir, "summary.json", summary)
         try:
-            _plot(workdir)
+            plot_beta([workdir], pathlib.Path(workdir) / "plots" / "dpo_beta.png")
         except Exception as e:  # a plot must never lose the results already written
             log.warning("plotting failed: %s", e)
     return state

@@ -74,7 +74,8 @@ def sample_chunks(params, policy: Policy, prompts: list[np.ndarray], rng, gc, gs
         n = len(chunk)
         chunk = chunk + [chunk[-1]] * (gc.batch_size - n)
         arr, lens, pos, state = sample.prepare_prompts(chunk, policy.positions, 16 if gstates is None else 128)
-        gs = None if gstates is None else jnp.asarray(gstates[start : start + n] + [0] * (gc.batch_size - n))
+        gs = None if gstates is None else gstates[start : start + n]
+        gs = None if gs is None else jnp.asarray(gs + gs[-1:] * (gc.batch_size - n))  # padded like the chunk
         out, n_gen = sample.generate(
             params,
             jnp.asarray(arr),
@@ -221,7 +222,7 @@ def make_pairs(judged: list[dict], prompts: dict, mode: str = "best_worst", marg
         elif mode == "all_pairs":
             todo = [(a, b) for i, a in enumerate(cands) for b in cands[i + 1 :]]
         else:
-            raise ValueError(f"pairs.mode={mode!r} is not 'best_worst', 'all_pairs' or 'prefix'")
+            raise ValueError(f"make_pairs builds 'best_worst' or 'all_pairs' pairs, not {mode!r} (prefix_pairs)")
         todo = [(a, b) for a, b in todo if a["reward"] - b["reward"] > margin]
         if max_per_prompt:
             todo = todo[:max_per_prompt]
@@ -386,13 +387,12 @@ def train_and_evaluate(config, workdir: str):
             rng = jax.random.fold_in(jax.random.key(rc.seed), 1)
             repairs = repair_candidates(params, pol, prompts_by_id, judged, rc, rng, config.rewards.to_dict(), pool)
             write_jsonl(w / "repairs.jsonl", repairs)
+            pairs = prefix_pairs(repairs, judged, prompts_by_id, pc.margin, pc.max_per_prompt)
+            counts.update(repaired=len(repairs), repaired_valid=sum(bool(r["valid"]) for r in repairs))
+        else:
+            pairs = make_pairs(judged, prompts_by_id, pc.mode, pc.margin, pc.max_per_prompt)
     finally:
         pool.close()
-    if pc.mode == "prefix":
-        pairs = prefix_pairs(repairs, judged, prompts_by_id, pc.margin, pc.max_per_prompt)
-        counts.update(repaired=len(repairs), repaired_valid=sum(bool(r["valid"]) for r in repairs))
-    else:
-        pairs = make_pairs(judged, prompts_by_id, pc.mode, pc.margin, pc.max_per_prompt)
     n_tr, n_ho = write_pairs(w, pairs, pc.heldout_frac, pc.seed)
     summary = rewards.summarize(judged)
     summary.update(pairs=len(pairs), pairs_train=n_tr, pairs_heldout=n_ho, **counts)

@@ -243,27 +243,35 @@ def grammar_transitions() -> np.ndarray:
     return nxt
 
 
+def _grammar_walk(ids):
+    """(index, token class, automaton state before the token, state after it) along `ids`,
+    starting outside a block; the state follows the transitions whether or not a token is allowed."""
+    st = 0
+    for n, c in enumerate(grammar_classes()[np.asarray(ids, np.int64)]):
+        nxt = grammar_next_host(st, int(c))
+        yield n, int(c), st, nxt
+        st = nxt
+
+
 def grammar_violation(ids) -> tuple[int, int]:
     """(index of the first token of `ids` the automaton forbids, or -1; the automaton state
     before that token, or after all of them), starting outside a block (host side)."""
-    st, table = 0, grammar_table()
-    for n, c in enumerate(grammar_classes()[np.asarray(ids, np.int64)]):
+    table, end = grammar_table(), 0
+    for n, c, st, after in _grammar_walk(ids):
         if not table[st, c]:
             return n, st
-        st = grammar_next_host(st, int(c))
-    return -1, st
+        end = after
+    return -1, end
 
 
 def grammar_step_end(ids, start: int) -> int:
     """Index of the token that ends the step starting at `start`: the first token from `start` on
     after which the automaton is outside a block (the `>` of a coordinate block that is open at
     `start` or opened there; `start` itself for a skeleton token); len(ids) - 1 if none."""
-    st, classes = 0, grammar_classes()[np.asarray(ids, np.int64)]
-    for n, c in enumerate(classes):
-        st = grammar_next_host(st, int(c))
-        if n >= start and st == 0:
+    for n, _, _, after in _grammar_walk(ids):
+        if n >= start and after == 0:
             return n
-    return len(classes) - 1
+    return len(ids) - 1
 
 
 def grammar_accepts(ids) -> bool:
