@@ -28,7 +28,7 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from molgen.cg import mdcath
+from molgen.cg import forcemap, mdcath
 
 SPLITS = ("train", "validation", "test")
 PARK_ORIGIN = 1.0e4  # Å from the origin
@@ -46,6 +46,8 @@ class CGConfig(tfds.core.BuilderConfig):
     test_fraction: float = 0.1
     on_nan: str = "error"
     seed: int = 0
+    force_map: str = "sum"  # "sum" (residue sums) or "optimized" (forcemap.fit on the train frames)
+    force_map_window: int = 1  # residues either side whose atoms an optimised bead force may use
 
 
 def source_files(source: str) -> list[str]:
@@ -59,7 +61,10 @@ def config_name(c: CGConfig) -> str:
     stamp = "".join(
         f"{os.path.basename(f)}:{os.path.getsize(f)}:{int(os.path.getmtime(f))}" for f in source_files(c.source)
     )
-    key = json.dumps([stamp, c.n_max, c.split, list(c.test_domains), c.val_fraction, c.test_fraction, c.on_nan, c.seed])
+    key = [stamp, c.n_max, c.split, list(c.test_domains), c.val_fraction, c.test_fraction, c.on_nan, c.seed]
+    if c.force_map != "sum":
+        key += [c.force_map, c.force_map_window]
+    key = json.dumps(key)
     return "cg_" + hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
@@ -89,6 +94,7 @@ class MdcathCG(tfds.core.GeneratorBasedBuilder):
     def __init__(self, *, config: CGConfig, **kw):
         super().__init__(config=config, **kw)
         self.counts: dict = {}
+        self.force_maps: dict = {}
 
     def _info(self):
         n = self.builder_config.n_max
@@ -133,7 +139,12 @@ class MdcathCG(tfds.core.GeneratorBasedBuilder):
             parts = {"test": test, "validation": rest[:n_val], "train": rest[n_val:]}
         else:
             raise ValueError(f"data.split must be 'frame' or 'protein', got {c.split!r}")
+        if c.force_map == "optimized":
+            runs, self.force_maps, fm_report = optimized_runs(c, runs, index, parts)
+        elif c.force_map != "sum":
+            raise ValueError(f"data.force_map must be 'sum' or 'optimized', got {c.force_map!r}")
         self.counts = {
+            "force_map": fm_report if c.force_map == "optimized" else "sum",
             "domains": sorted({r.domain for r in runs}),
             "frames": {s: int(len(v)) for s, v in parts.items()},
             "skipped_frames": {
@@ -151,6 +162,56 @@ class MdcathCG(tfds.core.GeneratorBasedBuilder):
             yield f"{r.domain}_{r.temperature}_{r.replica}_{f}", ex
 
 
+def optimized_runs(c: CGConfig, runs, index, parts):
+    """Fit an optimised force map per domain (`forcemap.fit`) on the domain's train frames (or,
+    for a test-only domain of a protein split, on all its frames: the map is a choice of label,
+    made without the model) and map every frame with it. Returns the remapped runs, the maps
+    and a report: per domain the mean squared bead force of the residue sum and of the
+    optimised map on the fitting frames and on the validation frames (held out from the fit)."""
+    train = {(runs[index[k][0]].domain, runs[index[k][0]].temperature, runs[index[k][0]].replica, index[k][1])
+             for k in parts["train"]}  # fmt: skip
+    val = {(runs[index[k][0]].domain, runs[index[k][0]].temperature, runs[index[k][0]].replica, index[k][1])
+           for k in parts["validation"]}  # fmt: skip
+    fit_on = {d for d, *_ in train}
+    per_domain = {}  # domain -> [topology, groups, fitting forces, validation forces]
+    for f in source_files(c.source):
+        for run in mdcath.read_runs(f, on_nan=c.on_nan):
+            d = run.domain
+            if d not in per_domain:
+                groups = forcemap.constraint_groups(mdcath.atom_elements(run.pdb_text), run.coords[0], run.label + ": ")
+                per_domain[d] = [run.topology, groups, [], []]
+            keys = [(d, run.temperature, run.replica, i) for i in range(len(run.forces))]
+            use = [k in train or d not in fit_on for k in keys]
+            per_domain[d][2].append(run.forces[np.asarray(use, bool)])
+            per_domain[d][3].append(run.forces[np.asarray([k in val for k in keys], bool)])
+    maps, report = {}, {"kind": "optimized", "window": c.force_map_window, "domains": {}}
+    for d, (top, groups, fit_f, val_f) in per_domain.items():
+        fit_f, val_f = np.concatenate(fit_f), np.concatenate(val_f)
+        w = forcemap.fit(top, groups, fit_f, window=c.force_map_window)
+        forcemap.check(w, top, groups, f"domain {d}: ")
+        maps[d] = w
+        s = forcemap.residue_sum(top)
+        r = {"fit_frames": len(fit_f), "fit_on": "train" if d in fit_on else "all frames (no train frames)",
+             "mean_square_sum_fit": forcemap.mean_square(s, fit_f),
+             "mean_square_optimized_fit": forcemap.mean_square(w, fit_f)}  # fmt: skip
+        if len(val_f):
+            r.update(validation_frames=len(val_f), mean_square_sum_validation=forcemap.mean_square(s, val_f),
+                     mean_square_optimized_validation=forcemap.mean_square(w, val_f))  # fmt: skip
+        report["domains"][d] = r
+        log.info("force map %s: mean squared bead force %s", d, {k: v for k, v in r.items() if "mean_square" in k})
+    remapped = [t for f in source_files(c.source) for t in mdcath.read_cg(f, on_nan=c.on_nan, force_maps=maps)]
+    return remapped, maps, report
+
+
+def force_maps(builder) -> dict:
+    """{domain: W [R, N]} of an optimised-map dataset, {} for residue sums."""
+    path = pathlib.Path(builder.data_dir) / "force_maps.npz"
+    if not path.exists():
+        return {}
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
 def build(cfg, data_dir: str) -> MdcathCG:
     """Build (once) and return the builder for a `data` config group; writes build_report.json
     and species.json next to the dataset."""
@@ -165,6 +226,8 @@ def build(cfg, data_dir: str) -> MdcathCG:
         test_fraction=cfg.test_fraction,
         on_nan=cfg.on_nan,
         seed=cfg.seed,
+        force_map=cfg.get("force_map", "sum"),
+        force_map_window=cfg.get("force_map_window", 1),
     )
     bc = dataclasses.replace(bc, name=config_name(bc))
     builder = MdcathCG(config=bc, data_dir=str(pathlib.Path(data_dir).expanduser()), file_format="array_record")
@@ -172,6 +235,8 @@ def build(cfg, data_dir: str) -> MdcathCG:
     if not (out / "build_report.json").exists():
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
         (out / "species.json").write_text(json.dumps(list(mdcath.AMINO_ACIDS)))
+        if builder.force_maps:
+            np.savez(out / "force_maps.npz", **builder.force_maps)
         report = {"config": dataclasses.asdict(bc), **builder.counts}
         (out / "build_report.json").write_text(json.dumps(report, indent=1, default=str))
         n_skipped = sum(len(v) for v in builder.counts["skipped_frames"].values())

@@ -112,10 +112,23 @@ def ca_positions(pdb_text: str, topology: Topology) -> np.ndarray:
     return np.asarray(xyz, np.float64)[topology.ca_index]
 
 
-def coarse_grain(topology: Topology, coords_FxNx3, forces_FxNx3):
-    """CA positions [F, R, 3] and summed residue forces [F, R, 3]."""
+def atom_elements(pdb_text: str) -> np.ndarray:
+    """Element symbol of each atom of a PDB text (columns 77-78, else the atom name's first letter)."""
+    out = []
+    for line in pdb_text.splitlines():
+        if line.startswith(("ATOM", "HETATM")):
+            el = line[76:78].strip() if len(line) >= 78 else ""
+            out.append((el or line[12:16].strip().lstrip("0123456789")[:1]).upper())
+    return np.asarray(out)
+
+
+def coarse_grain(topology: Topology, coords_FxNx3, forces_FxNx3, weights=None):
+    """CA positions [F, R, 3] and bead forces [F, R, 3]: the residue sums, or `weights` [R, N]
+    applied to the all-atom forces (a force map, see `molgen.cg.forcemap`)."""
     pos = np.asarray(coords_FxNx3)[:, topology.ca_index]
     forces = np.asarray(forces_FxNx3, np.float64)
+    if weights is not None:
+        return pos.astype(np.float32), np.einsum("rn,fnd->frd", weights, forces).astype(np.float32)
     summed = np.zeros((forces.shape[0], len(topology.ca_index), 3))
     np.add.at(summed, (slice(None), topology.atom_residue), forces)
     return pos.astype(np.float32), summed.astype(np.float32)
@@ -128,11 +141,36 @@ def domains(path: str) -> list[str]:
         return [k for k in f.keys()]
 
 
-def read_cg(path: str, on_nan: str = "error", temperatures=None, replicas=None):
+def read_cg(path: str, on_nan: str = "error", temperatures=None, replicas=None, force_maps=None):
     """Yield a CGTrajectory per (domain, temperature, replica) of an mdCATH file.
 
     on_nan: "error" raises MdcathError naming file, domain, temperature, replica and frame;
-    "skip" drops such frames and lists them in `skipped_frames`."""
+    "skip" drops such frames and lists them in `skipped_frames`. force_maps: {domain: W [R, N]}
+    maps the forces of those domains with W instead of the residue sums."""
+    for run in read_runs(path, on_nan, temperatures, replicas):
+        w = (force_maps or {}).get(run.domain)
+        pos, cg_forces = coarse_grain(run.topology, run.coords, run.forces, w)
+        yield CGTrajectory(run.domain, run.temperature, run.replica, run.topology.species, pos, cg_forces,
+                           run.skipped_frames)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class AtomRun:
+    """One (domain, temperature, replica) of all-atom frames, NaN frames already dropped."""
+
+    domain: str
+    temperature: int
+    replica: int
+    label: str  # "file: domain d, temperature T K, replica r", for messages
+    topology: Topology
+    pdb_text: str
+    coords: np.ndarray  # [F, N, 3] Å
+    forces: np.ndarray  # [F, N, 3] kcal/mol/Å
+    skipped_frames: tuple = ()
+
+
+def read_runs(path: str, on_nan: str = "error", temperatures=None, replicas=None):
+    """Yield an AtomRun per (domain, temperature, replica) of an mdCATH file, checked as `read_cg` says."""
     import h5py
 
     if on_nan not in ("error", "skip"):
@@ -177,10 +215,8 @@ def read_cg(path: str, on_nan: str = "error", temperatures=None, replicas=None):
                                 f"{frames[0]} (set on_nan='skip' to drop such frames)"
                             )
                         coords, forces = coords[~bad], forces[~bad]
-                    pos, cg_forces = coarse_grain(top, coords, forces)
-                    yield CGTrajectory(
-                        dom, int(temp), int(rep), top.species, pos, cg_forces, tuple(np.flatnonzero(bad).tolist())
-                    )
+                    yield AtomRun(dom, int(temp), int(rep), label, top, pdb_text, coords, forces,
+                                  tuple(np.flatnonzero(bad).tolist()))  # fmt: skip
 
 
 def write_domain(path: str, domain: str, pdb_text: str, atoms: dict, extra_text: dict | None = None):

@@ -175,8 +175,13 @@ def produce(
 
 def conditional_force_noise(path: str, domain: str, temperature: int, frames, samples: int = 100,
                             steps_per_sample: int = 10, equilibration_steps: int = 200, dt_fs: float = 1.0,
-                            seed: int = 0, threads: int | None = None) -> dict:  # fmt: skip
+                            seed: int = 0, threads: int | None = None, weights=None) -> dict:  # fmt: skip
     """The irreducible force-matching error of the CA mapping, E_x[Var(F_CG | x)], per component.
+
+    `weights` [R, N]: a force map (molgen.cg.forcemap) to measure besides the residue sums; then
+    `noise_mse` is its noise, `noise_mse_sum` the residue sums' on the same samples, and
+    `mean_force_rms_diff` the RMS difference of the two maps' sample-mean forces per
+    configuration (valid maps share the mean force; compare with `mean_force_rms`).
 
     At each given CG configuration x (CA positions of an all-atom frame `frames` = [(replica,
     frame index)]), the CA atoms are held fixed (mass 0) and the rest of the protein is sampled
@@ -200,7 +205,7 @@ def conditional_force_noise(path: str, domain: str, temperature: int, frames, sa
             system.removeConstraint(i)
     for i in ca:
         system.setParticleMass(i, 0.0)
-    per_config = []
+    per_config, per_sum, mean_diff, mean_rms = [], [], [], []
     with h5py.File(path, "r") as f:
         for k, (rep, frame) in enumerate(frames):
             coords = f[domain][str(temperature)][str(rep)]["coords"][frame] / 10.0  # nm
@@ -218,10 +223,21 @@ def conditional_force_noise(path: str, domain: str, temperature: int, frames, sa
             drift = np.abs(now[list(ca)] - coords[list(ca)]).max()
             if drift > 1e-6:
                 raise RuntimeError(f"CA atoms moved by {drift} nm in the fixed-CA run")
-            _, cg = mdcath.coarse_grain(top, np.zeros((len(forces), len(top.atom_residue), 3)), np.stack(forces))
-            per_config.append(float(np.mean(np.var(cg, axis=0, ddof=1))))
-    return {"noise_mse": float(np.mean(per_config)), "per_config": per_config, "frames": [list(x) for x in frames],
-            "temperature": temperature, "samples": samples, "sample_interval_fs": steps_per_sample * dt_fs}  # fmt: skip
+            zeros = np.zeros((len(forces), len(top.atom_residue), 3))
+            _, cg = mdcath.coarse_grain(top, zeros, np.stack(forces))
+            per_sum.append(float(np.mean(np.var(cg, axis=0, ddof=1))))
+            if weights is not None:
+                _, cgw = mdcath.coarse_grain(top, zeros, np.stack(forces), weights)
+                per_config.append(float(np.mean(np.var(cgw, axis=0, ddof=1))))
+                mean_diff.append(float(np.sqrt(np.mean((cgw.mean(0) - cg.mean(0)) ** 2))))
+                mean_rms.append(float(np.sqrt(np.mean(cg.mean(0) ** 2))))
+    out = {"noise_mse": float(np.mean(per_config or per_sum)), "per_config": per_config or per_sum,
+           "frames": [list(x) for x in frames], "temperature": temperature, "samples": samples,
+           "sample_interval_fs": steps_per_sample * dt_fs}  # fmt: skip
+    if weights is not None:
+        out.update(noise_mse_sum=float(np.mean(per_sum)), per_config_sum=per_sum,
+                   mean_force_rms_diff=float(np.mean(mean_diff)), mean_force_rms=float(np.mean(mean_rms)))  # fmt: skip
+    return out
 
 
 def _stored_pdb(path, domain):

@@ -76,14 +76,16 @@ def load_split(source) -> dict:
     return out
 
 
-def noise_floor(config, workdir, split) -> dict:
+def noise_floor(config, workdir, split, maps=None) -> dict:
     """E[Var(F | CA positions)] over the split's temperatures (fixed-CA MD, see
-    simulate.conditional_force_noise), weighted by the split's frames per (domain, temperature);
-    cached in noise_floor.json."""
+    simulate.conditional_force_noise), weighted by the split's frames per (domain, temperature),
+    for the dataset's force map (`maps`: {domain: W}, the residue sums where absent; with a map
+    the residue sums' floor on the same samples comes too); cached in noise_floor.json."""
     path = pathlib.Path(workdir) / "noise_floor.json"
     if path.exists():
         return json.loads(path.read_text())
     nc = config.eval.noise_floor
+    maps = maps or {}
     files = {d: f for f in data.source_files(config.data.source) for d in mdcath.domains(f)}
     rng = np.random.default_rng(nc.seed)
     parts, total = [], 0.0
@@ -93,7 +95,7 @@ def noise_floor(config, workdir, split) -> dict:
         pick = rng.choice(idx, size=min(nc.configs_per_temperature, len(idx)), replace=False)
         frames = [(int(split["replica"][i]), int(split["frame"][i])) for i in pick]
         res = simulate.conditional_force_noise(files[dom], dom, temp, frames, nc.samples, nc.steps_per_sample,
-                                               nc.equilibration_steps, seed=nc.seed)  # fmt: skip
+                                               nc.equilibration_steps, seed=nc.seed, weights=maps.get(dom))  # fmt: skip
         res.update(domain=dom, weight=len(idx) / len(split["domain"]))
         parts.append(res)
         total += res["weight"] * res["noise_mse"]
@@ -106,6 +108,8 @@ def noise_floor(config, workdir, split) -> dict:
                            for g in parts if len(g["per_config"]) > 1)))  # fmt: skip
     out = {"noise_mse": total, "noise_mse_se": se, "per_config_range": [float(per.min()), float(per.max())],
            "groups": parts}  # fmt: skip
+    if all("noise_mse_sum" in g for g in parts):
+        out["noise_mse_residue_sum"] = float(sum(g["weight"] * g["noise_mse_sum"] for g in parts))
     loop.write_json(workdir, "noise_floor.json", out)
     return out
 
@@ -626,7 +630,7 @@ def train_and_evaluate(config, workdir: str):
     test = evaluate(config, workdir, model, best["params"], prior_j, splits["test"], "test")
     test["best_seed"] = best["seed"]
     if config.eval.noise_floor.enabled and jax.process_index() == 0:
-        floor = noise_floor(config, workdir, splits["test"])
+        floor = noise_floor(config, workdir, splits["test"], data.force_maps(builder))
         nf = test["noise_floor_mse"] = floor["noise_mse"]
         test["noise_floor_mse_se"] = floor["noise_mse_se"]
         test["excess_mse_over_noise"] = {
