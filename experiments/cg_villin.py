@@ -82,7 +82,7 @@ def get_config(variant: str = "quick"):
             avg_neighbors=20.0,
             capacity_multiplier=1.2,
             box=0.0,  # cubic periodic box edge in Å; 0 = free space (implicit solvent, mdCATH CA frames)
-            inner_cutoff=-1.0,  # Å; Allegro fades out shorter edges. -1: the data's shortest pair distance; 0: off
+            inner_cutoff=-1.0,  # Å; Allegro fades out shorter edges. -1: data's shortest pair + inner_width; 0: off
             inner_width=1.0,
             env_norm="count",  # environments as weighted means: bounded energies under compaction
         )  # fmt: skip

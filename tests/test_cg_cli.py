@@ -38,6 +38,11 @@ def test_tiny_run_writes_everything(reference):
     assert ev["frames"] > 0 and ev["model"]["mse"] > 0
     nf = json.loads((reference / "noise_floor.json").read_text())  # fixed-CA MD at a test frame
     assert ev["noise_floor_mse"] == pytest.approx(nf["noise_mse"]) and nf["noise_mse"] > 0
+    # the experiments' optimised force map: the floor comes for both maps from the same samples
+    assert json.loads((reference / "config.json").read_text())["data"]["force_map"] == "optimized"
+    assert 0 < nf["noise_mse"] < nf["noise_mse_residue_sum"]
+    mj = json.loads((reference / "model.json").read_text())  # network off at and below the data's shortest pair
+    assert mj["inner_cutoff"] == pytest.approx(mj["shortest_pair_distance"] + 1.0, abs=1e-3)
     stage1 = reference / "seed_0" / "stage1"
     assert (stage1 / "metrics.jsonl").exists() and any((stage1 / "tensorboard").iterdir())
     steps = sorted(int(p.name) for p in (stage1 / "checkpoints").iterdir() if p.name.isdigit())

@@ -14,9 +14,12 @@ Edges come from a padded sparse neighbour list; entries with `valid` False (padd
 touching a padded bead) contribute nothing, and their geometry is replaced before any
 division, so they cannot produce NaN in values or gradients.
 
-`inner_cutoff` (set by the training driver to the shortest pair distance in the training data)
-fades out edges shorter than any the network was fitted on: a trained network extrapolates
-freely there, and in MD it can pull beads together without bound, while the priors' walls are
+`inner_cutoff` (set by the training driver to the shortest pair distance in the training data
+plus `inner_width`) fades edges in over the shortest `inner_width` of the distances the network
+was fitted on and removes every shorter one: a trained network extrapolates freely below its
+data, and in MD it can pull beads together without bound (a switch that still let the
+network act 0.02 Å below the data's shortest CA-CA bond let villin's quick model dig a
+-180 kcal/mol hole by squeezing two bonds to 3.61 Å), while the priors' walls and bonds are
 built for exactly that region.
 
 `env_norm="count"` divides each environment sum by 1 + the bead's smooth neighbour count, so

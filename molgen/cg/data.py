@@ -1,7 +1,8 @@
 """CG frames from a folder of mdCATH-format files: a TFDS builder (ArrayRecord, no TensorFlow).
 
 Every (domain, temperature, replica, frame) becomes one example with `n_max` beads:
-positions (Å), forces (kcal/mol/Å), species (index into `mdcath.AMINO_ACIDS`, the global
+positions (Å), forces (kcal/mol/Å; residue sums, or the optimised force map fitted on the
+train frames with `force_map="optimized"`, see `molgen.cg.forcemap` and `optimized_runs`), species (index into `mdcath.AMINO_ACIDS`, the global
 species map stored in the dataset metadata and in `species.json`) and a mask. Padded beads
 are parked far away on a line, `PARK_SPACING` apart, so they never come within a cutoff of
 each other or of the protein and never enter a neighbour list; their forces are zero.
@@ -141,8 +142,6 @@ class MdcathCG(tfds.core.GeneratorBasedBuilder):
             raise ValueError(f"data.split must be 'frame' or 'protein', got {c.split!r}")
         if c.force_map == "optimized":
             runs, self.force_maps, fm_report = optimized_runs(c, runs, index, parts)
-        elif c.force_map != "sum":
-            raise ValueError(f"data.force_map must be 'sum' or 'optimized', got {c.force_map!r}")
         self.counts = {
             "force_map": fm_report if c.force_map == "optimized" else "sum",
             "domains": sorted({r.domain for r in runs}),
@@ -215,6 +214,8 @@ def force_maps(builder) -> dict:
 def build(cfg, data_dir: str) -> MdcathCG:
     """Build (once) and return the builder for a `data` config group; writes build_report.json
     and species.json next to the dataset."""
+    if cfg.get("force_map", "sum") not in ("sum", "optimized"):
+        raise ValueError(f"data.force_map must be 'sum' or 'optimized', got {cfg.force_map!r}")
     n_max = cfg.n_max or max(len(r.species) for f in source_files(cfg.source) for r in _topologies(f))
     bc = CGConfig(
         name="",

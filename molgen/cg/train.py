@@ -217,8 +217,8 @@ def resolve_model_config(config, workdir, splits) -> tuple:
     pairs, shortest = pair_stats(all_pos, all_mask, mc.cutoff)
     capacity = int(pairs * mc.capacity_multiplier) + 8
     inner = float(mc.get("inner_cutoff", 0.0))
-    if inner < 0:
-        inner = round(shortest, 3)
+    if inner < 0:  # the switch reaches 0 at the shortest distance of the data (see allegro.inner_switch)
+        inner = round(shortest + float(mc.get("inner_width", 1.0)), 3)
     config = copy.deepcopy(config)
     with config.unlocked():
         config.model.inner_cutoff = inner
