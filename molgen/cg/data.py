@@ -2,8 +2,9 @@
 
 Every (domain, temperature, replica, frame) becomes one example with `n_max` beads:
 positions (Å), forces (kcal/mol/Å; residue sums, or the optimised force map fitted on the
-train frames with `force_map="optimized"`, see `molgen.cg.forcemap` and `optimized_runs`), species (index into `mdcath.AMINO_ACIDS`, the global
-species map stored in the dataset metadata and in `species.json`) and a mask. Padded beads
+train frames with `force_map="optimized"`, see `molgen.cg.forcemap` and `optimized_runs`),
+species (index into `mdcath.AMINO_ACIDS`, the global species map stored in the dataset
+metadata and in `species.json`) and a mask. Padded beads
 are parked far away on a line, `PARK_SPACING` apart, so they never come within a cutoff of
 each other or of the protein and never enter a neighbour list; their forces are zero.
 
