@@ -106,7 +106,7 @@ def get_config(variant: str = "quick"):
         dict(
             # the walls (repulsive, excluded) keep their Boltzmann-inversion fit: see train.lbfgs_priors
             lbfgs=dict(enabled=True, iterations=50, frames=256, terms=("bond", "angle", "dihedral")),
-            stage1=stage("adabelief", 3e-3, 30 if quick else 100, "warmup_cosine", warmup_steps=20),
+            stage1=stage("adabelief", 3e-3, 20 if quick else 100, "warmup_cosine", warmup_steps=20),
             stage2=stage("yogi", 3e-4, 3 if quick else 20, "constant"),
         )
     )
@@ -117,7 +117,7 @@ def get_config(variant: str = "quick"):
         dict(
             noise_floor=dict(  # fixed-CA MD at test frames: the error no CG model can remove
                 enabled=True,
-                configs_per_temperature=6 if quick else 20,
+                configs_per_temperature=4 if quick else 20,
                 samples=30 if quick else 100,
                 steps_per_sample=10,
                 equilibration_steps=200,
