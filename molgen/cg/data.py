@@ -168,10 +168,11 @@ def optimized_runs(c: CGConfig, runs, index, parts):
     made without the model) and map every frame with it. Returns the remapped runs, the maps
     and a report: per domain the mean squared bead force of the residue sum and of the
     optimised map on the fitting frames and on the validation frames (held out from the fit)."""
-    train = {(runs[index[k][0]].domain, runs[index[k][0]].temperature, runs[index[k][0]].replica, index[k][1])
-             for k in parts["train"]}  # fmt: skip
-    val = {(runs[index[k][0]].domain, runs[index[k][0]].temperature, runs[index[k][0]].replica, index[k][1])
-           for k in parts["validation"]}  # fmt: skip
+
+    def frames(split):
+        return {(runs[i].domain, runs[i].temperature, runs[i].replica, f) for i, f in (index[k] for k in parts[split])}
+
+    train, val = frames("train"), frames("validation")
     fit_on = {d for d, *_ in train}
     per_domain = {}  # domain -> [topology, groups, fitting forces, validation forces]
     for f in source_files(c.source):
@@ -206,8 +207,11 @@ def optimized_runs(c: CGConfig, runs, index, parts):
 def force_maps(builder) -> dict:
     """{domain: W [R, N]} of an optimised-map dataset, {} for residue sums."""
     path = pathlib.Path(builder.data_dir) / "force_maps.npz"
-    if not path.exists():
+    if builder.builder_config.force_map == "sum":
         return {}
+    if not path.exists():  # a build killed between TFDS's commit and this file: rebuild it
+        raise FileNotFoundError(f"{path}: missing for an optimised-force-map dataset; delete {builder.data_dir} "
+                                "and run again to rebuild it")  # fmt: skip
     with np.load(path) as z:
         return {k: z[k] for k in z.files}
 
