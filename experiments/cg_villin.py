@@ -117,8 +117,8 @@ def get_config(variant: str = "quick"):
         dict(
             noise_floor=dict(  # fixed-CA MD at test frames: the error no CG model can remove
                 enabled=True,
-                configs_per_temperature=4 if quick else 20,
-                samples=30 if quick else 100,
+                configs_per_temperature=3 if quick else 20,
+                samples=24 if quick else 100,
                 steps_per_sample=10,
                 equilibration_steps=200,
                 seed=0,
