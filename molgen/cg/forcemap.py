@@ -100,10 +100,8 @@ def check(w: np.ndarray, topology: mdcath.Topology, group: np.ndarray, label: st
 
 
 def _first_of_group(group):
-    first = np.full(group.max() + 1, -1, np.int64)
-    for i in range(len(group) - 1, -1, -1):
-        first[group[i]] = i
-    return first
+    """Index of the first atom of each group."""
+    return np.unique(group, return_index=True)[1]
 
 
 def mean_square(w: np.ndarray, forces_FxNx3) -> float:
