@@ -56,6 +56,7 @@ def get_config(variant: str = "quick"):
             seed=0,
             force_map="optimized",  # molgen.cg.forcemap, fitted on the train frames; "sum": residue sums
             force_map_window=1,
+            extra_train="",  # comma-separated folders of frames for the train split only (molgen.cg.active)
             simulate=dict(
                 enabled=True,
                 domain="villin",

@@ -13,6 +13,11 @@ Splits:
   train/validation/test by `val_fraction` and `test_fraction`;
 - by protein: the domains named in `test_domains` form the test split (transfer), the other
   domains' frames are cut into train/validation.
+Frames of the files in `extra_train` (for instance fixed-CA samples at configurations a CG
+model visited, `molgen.cg.active`) join the train split only, flagged `extra`: they are valid
+force-matching data (at a fixed CG configuration the loss is minimised by the mean force,
+whatever the configurations' distribution), but not Boltzmann samples, so the priors are fitted
+without them. Validation and test stay those of `source`.
 Frames with NaN are rejected (naming the file, domain, temperature and replica) or skipped
 and counted in `build_report.json`, as `on_nan` says.
 """
@@ -50,6 +55,7 @@ class CGConfig(tfds.core.BuilderConfig):
     seed: int = 0
     force_map: str = "sum"  # "sum" (residue sums) or "optimized" (forcemap.fit on the train frames)
     force_map_window: int = 1  # residues either side whose atoms an optimised bead force may use
+    extra_train: tuple = ()  # folders/files of mdCATH-format frames that join the train split only
 
 
 def source_files(source: str) -> list[str]:
@@ -60,14 +66,18 @@ def source_files(source: str) -> list[str]:
 
 
 def config_name(c: CGConfig) -> str:
-    stamp = "".join(
-        f"{os.path.basename(f)}:{os.path.getsize(f)}:{int(os.path.getmtime(f))}" for f in source_files(c.source)
-    )
+    stamp = "".join(_stamp(f) for f in source_files(c.source))
     key = [stamp, c.n_max, c.split, list(c.test_domains), c.val_fraction, c.test_fraction, c.on_nan, c.seed]
     if c.force_map != "sum":
         key += [c.force_map, c.force_map_window]
+    if c.extra_train:
+        key += [_stamp(f) for src in c.extra_train for f in source_files(src)]
     key = json.dumps(key)
     return "cg_" + hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def _stamp(f):
+    return f"{os.path.basename(f)}:{os.path.getsize(f)}:{int(os.path.getmtime(f))}"
 
 
 def parked(n: int) -> np.ndarray:
@@ -90,13 +100,15 @@ def pad_frame(species, positions, forces, n_max: int):
 class MdcathCG(tfds.core.GeneratorBasedBuilder):
     """One-bead-per-residue frames of mdCATH-format trajectories."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "`extra` flag: frames from data.extra_train"}
     BUILDER_CONFIGS = [CGConfig(name="default")]
 
     def __init__(self, *, config: CGConfig, **kw):
         super().__init__(config=config, **kw)
         self.counts: dict = {}
         self.force_maps: dict = {}
+        self.n_source = 0  # runs before this index come from `source`, the rest from `extra_train`
 
     def _info(self):
         n = self.builder_config.n_max
@@ -111,6 +123,7 @@ class MdcathCG(tfds.core.GeneratorBasedBuilder):
                     "temperature": np.int32,
                     "replica": np.int32,
                     "frame": np.int32,
+                    "extra": np.bool_,
                 }
             ),
             metadata=tfds.core.MetadataDict(species=list(mdcath.AMINO_ACIDS)),
@@ -143,10 +156,24 @@ class MdcathCG(tfds.core.GeneratorBasedBuilder):
             raise ValueError(f"data.split must be 'frame' or 'protein', got {c.split!r}")
         if c.force_map == "optimized":
             runs, self.force_maps, fm_report = optimized_runs(c, runs, index, parts)
+        n_source = len(runs)
+        if c.extra_train:  # appended to train; the source's validation and test are unchanged
+            maps = self.force_maps or None
+            extra = [r for src in c.extra_train for f in source_files(src)
+                     for r in mdcath.read_cg(f, on_nan=c.on_nan, force_maps=maps)]  # fmt: skip
+            unknown = sorted({r.domain for r in extra} - {r.domain for r in runs[:n_source]})
+            if unknown and c.force_map == "optimized":
+                raise ValueError(f"data.extra_train: domains {unknown} are not in data.source, so they have no "
+                                 "fitted force map")  # fmt: skip
+            new = [(n_source + i, f) for i, r in enumerate(extra) for f in range(len(r.positions))]
+            parts["train"] = np.concatenate([parts["train"], len(index) + np.arange(len(new))]).astype(np.int64)
+            runs, index = runs + extra, index + new
+        self.n_source = n_source
         self.counts = {
             "force_map": fm_report if c.force_map == "optimized" else "sum",
             "domains": sorted({r.domain for r in runs}),
             "frames": {s: int(len(v)) for s, v in parts.items()},
+            "extra_train_frames": int(sum(len(r.positions) for r in runs[n_source:])),
             "skipped_frames": {
                 f"{r.domain}/{r.temperature}/{r.replica}": list(r.skipped_frames) for r in runs if r.skipped_frames
             },
@@ -158,8 +185,9 @@ class MdcathCG(tfds.core.GeneratorBasedBuilder):
         for i, f in items:
             r = runs[i]
             ex = pad_frame(r.species, r.positions[f], r.forces[f], n_max)
-            ex.update(domain=r.domain, temperature=r.temperature, replica=r.replica, frame=f)
-            yield f"{r.domain}_{r.temperature}_{r.replica}_{f}", ex
+            extra = i >= self.n_source
+            ex.update(domain=r.domain, temperature=r.temperature, replica=r.replica, frame=f, extra=extra)
+            yield f"{f'extra{i}_' if extra else ''}{r.domain}_{r.temperature}_{r.replica}_{f}", ex
 
 
 def optimized_runs(c: CGConfig, runs, index, parts):
@@ -234,6 +262,7 @@ def build(cfg, data_dir: str) -> MdcathCG:
         seed=cfg.seed,
         force_map=cfg.get("force_map", "sum"),
         force_map_window=cfg.get("force_map_window", 1),
+        extra_train=extra_sources(cfg.get("extra_train", "")),
     )
     bc = dataclasses.replace(bc, name=config_name(bc))
     builder = MdcathCG(config=bc, data_dir=str(pathlib.Path(data_dir).expanduser()), file_format="array_record")
@@ -249,6 +278,18 @@ def build(cfg, data_dir: str) -> MdcathCG:
         if n_skipped:
             log.warning("skipped %d frames with NaN; see %s", n_skipped, out / "build_report.json")
     return builder
+
+
+def extra_sources(value) -> tuple:
+    """`data.extra_train`: comma-separated folders or files (or a sequence of them) -> absolute paths."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out = tuple(os.path.abspath(os.path.expanduser(v.strip())) for v in items if v.strip())
+    for v in out:
+        try:
+            source_files(v)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"data.extra_train: {e}") from None
+    return out
 
 
 def report(builder) -> dict:

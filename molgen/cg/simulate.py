@@ -173,6 +173,114 @@ def produce(
     return out
 
 
+def fixed_ca_system(pdb_text: str, domain: str):
+    """(OpenMM system, topology) of the protein with its CA atoms held fixed (mass 0). CA-H bonds
+    are flexible (constraints cannot touch a fixed atom), so runs need a 1 fs step."""
+    import openmm.app as app
+    import openmm.unit as u
+
+    pdb, top = app.PDBFile(io.StringIO(pdb_text)), mdcath.parse_topology(pdb_text, domain)
+    ff = app.ForceField("amber14-all.xml", "implicit/gbn2.xml")
+    system = ff.createSystem(pdb.topology, nonbondedMethod=app.NoCutoff, constraints=app.HBonds,
+                             hydrogenMass=3 * u.amu, flexibleConstraints=True)  # fmt: skip
+    ca = set(int(i) for i in top.ca_index)
+    for i in reversed(range(system.getNumConstraints())):
+        a, b, _ = system.getConstraintParameters(i)
+        if a in ca or b in ca:
+            system.removeConstraint(i)
+    for i in ca:
+        system.setParticleMass(i, 0.0)
+    return system, top
+
+
+def fixed_ca_samples(system, top, coords, temperature, samples, steps_per_sample=10, equilibration_steps=200,
+                     dt_fs=1.0, seed=0, threads=None, minimize: int = 0):  # fmt: skip
+    """Langevin MD of `fixed_ca_system` from all-atom `coords` [N, 3] (Å) at `temperature`:
+    (coords, forces) of `samples` frames, [S, N, 3] in Å and kcal/mol/Å, every `steps_per_sample`
+    steps after `equilibration_steps`, first relaxing the other atoms by up to `minimize` energy
+    minimisation iterations (OpenMM's minimiser leaves massless atoms in place). The CAs stay
+    exactly at their starting positions (checked)."""
+    import openmm
+    import openmm.unit as u
+
+    threads = threads or os.cpu_count() or 1
+    start = np.asarray(coords, np.float64) / 10.0  # nm
+    ctx, integrator = _context(system, float(temperature), dt_fs, 1.0, seed, threads)
+    ctx.setPositions(start * u.nanometer)
+    if minimize:
+        openmm.LocalEnergyMinimizer.minimize(ctx, 10.0, minimize)
+    ctx.setVelocitiesToTemperature(float(temperature) * u.kelvin, seed)
+    integrator.step(equilibration_steps)
+    xs, fs = [], []
+    for _ in range(samples):
+        integrator.step(steps_per_sample)
+        st = ctx.getState(getPositions=True, getForces=True)
+        xs.append(st.getPositions(asNumpy=True).value_in_unit(u.angstrom))
+        fs.append(st.getForces(asNumpy=True).value_in_unit(u.kilojoule_per_mole / u.angstrom) / KJ_PER_KCAL)
+    ca = np.asarray(top.ca_index)
+    drift = np.abs(xs[-1][ca] - start[ca] * 10.0).max()
+    if drift > 1e-5:
+        raise RuntimeError(f"CA atoms moved by {drift} Å in the fixed-CA run")
+    return np.stack(xs).astype(np.float32), np.stack(fs).astype(np.float32)
+
+
+def backmap(pdb_text: str, domain: str, pool, target, stiffness=(1e2, 1e5), stages: int = 10, steps: int = 100,
+            iterations: int = 200, seed: int = 0, threads=None) -> dict:  # fmt: skip
+    """All-atom coordinates (Å) whose CA atoms sit at the CG configuration `target` [R, 3] (Å).
+
+    The frame of `pool` [P, N, 3] (all-atom frames, Å) whose CAs are closest to `target` (Kabsch
+    RMSD) is superposed onto it, then its CAs are pulled onto `target` by harmonic restraints of
+    growing stiffness (kJ/mol/nm²) with amber14 in vacuum (the solvent model costs most, and the
+    fixed-CA run that follows equilibrates in it) and finally set exactly there. Returns coords,
+    the pool frame used, its CA RMSD to the target before pulling, and the CA deviation left by the last restraint (Å).
+
+    Pulling is steered MD: `stages` restraint stiffnesses from stiffness[0] to stiffness[1]
+    (geometric), `steps` of 2 fs Langevin MD at 300 K each, then `iterations` of minimisation."""
+    import openmm
+    import openmm.app as app
+    import openmm.unit as u
+
+    from molgen.cg import analysis
+
+    threads = threads or os.cpu_count() or 1
+    top = mdcath.parse_topology(pdb_text, domain)
+    ca = np.asarray(top.ca_index)
+    target = np.asarray(target, np.float64)
+    pool = np.asarray(pool, np.float64)
+    rmsd = analysis.kabsch_rmsd(pool[:, ca], target)
+    pick = int(np.argmin(rmsd))
+    x = pool[pick]
+    # superpose the frame onto the target by its CAs (rotation about the CA centroids)
+    a, b = x[ca] - x[ca].mean(0), target - target.mean(0)
+    uu, _, vt = np.linalg.svd(a.T @ b)
+    d = np.sign(np.linalg.det(uu @ vt))
+    rot = uu @ np.diag([1.0, 1.0, d]) @ vt
+    x = (x - x[ca].mean(0)) @ rot + target.mean(0)
+    pdb = app.PDBFile(io.StringIO(pdb_text))
+    ff = app.ForceField("amber14-all.xml")
+    system = ff.createSystem(pdb.topology, nonbondedMethod=app.NoCutoff, constraints=app.HBonds)
+    pull = openmm.CustomExternalForce("0.5*k*((x-x0)^2+(y-y0)^2+(z-z0)^2)")
+    pull.addGlobalParameter("k", 0.0)
+    for name in ("x0", "y0", "z0"):
+        pull.addPerParticleParameter(name)
+    for i, r in zip(ca, target / 10.0, strict=True):
+        pull.addParticle(int(i), [float(v) for v in r])
+    system.addForce(pull)
+    ctx, integrator = _context(system, 300.0, 2.0, 10.0, seed, threads)
+    ctx.setPositions(x / 10.0 * u.nanometer)
+    ctx.setParameter("k", float(stiffness[0]))
+    openmm.LocalEnergyMinimizer.minimize(ctx, 10.0, iterations)
+    ctx.setVelocitiesToTemperature(300.0 * u.kelvin, seed)
+    for k in np.geomspace(stiffness[0], stiffness[1], stages):
+        ctx.setParameter("k", float(k))
+        integrator.step(steps)
+    openmm.LocalEnergyMinimizer.minimize(ctx, 10.0, iterations)
+    out = ctx.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(u.angstrom)
+    left = float(np.abs(out[ca] - target).max())
+    out[ca] = target
+    return {"coords": out, "pool_frame": pick, "pool_ca_rmsd": float(rmsd[pick]), "restraint_deviation": left}
+
+
 def conditional_force_noise(path: str, domain: str, temperature: int, frames, samples: int = 100,
                             steps_per_sample: int = 10, equilibration_steps: int = 200, dt_fs: float = 1.0,
                             seed: int = 0, threads: int | None = None, weights=None) -> dict:  # fmt: skip
@@ -189,45 +297,20 @@ def conditional_force_noise(path: str, domain: str, temperature: int, frames, sa
     those samples is the noise no CG force field can fit. CA-HA is kept as a flexible bond
     (constraints cannot touch a fixed atom), hence the 1 fs step."""
     import h5py
-    import openmm.app as app
-    import openmm.unit as u
 
-    threads = threads or os.cpu_count() or 1
     text = _stored_pdb(path, domain)
-    pdb, top = app.PDBFile(io.StringIO(text)), mdcath.parse_topology(text, domain)
-    ff = app.ForceField("amber14-all.xml", "implicit/gbn2.xml")
-    system = ff.createSystem(pdb.topology, nonbondedMethod=app.NoCutoff, constraints=app.HBonds,
-                             hydrogenMass=3 * u.amu, flexibleConstraints=True)  # fmt: skip
-    ca = set(int(i) for i in top.ca_index)
-    for i in reversed(range(system.getNumConstraints())):
-        a, b, _ = system.getConstraintParameters(i)
-        if a in ca or b in ca:
-            system.removeConstraint(i)
-    for i in ca:
-        system.setParticleMass(i, 0.0)
+    system, top = fixed_ca_system(text, domain)
     per_config, per_sum, mean_diff, mean_rms = [], [], [], []
     with h5py.File(path, "r") as f:
         for k, (rep, frame) in enumerate(frames):
-            coords = f[domain][str(temperature)][str(rep)]["coords"][frame] / 10.0  # nm
-            ctx, integrator = _context(system, float(temperature), dt_fs, 1.0, seed + k, threads)
-            ctx.setPositions(coords * u.nanometer)
-            ctx.setVelocitiesToTemperature(float(temperature) * u.kelvin, seed + k)
-            integrator.step(equilibration_steps)
-            forces = []
-            for _ in range(samples):
-                integrator.step(steps_per_sample)
-                st = ctx.getState(getForces=True)
-                fa = st.getForces(asNumpy=True).value_in_unit(u.kilojoule_per_mole / u.angstrom) / KJ_PER_KCAL
-                forces.append(fa)
-            now = ctx.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(u.nanometer)
-            drift = np.abs(now[list(ca)] - coords[list(ca)]).max()
-            if drift > 1e-6:
-                raise RuntimeError(f"CA atoms moved by {drift} nm in the fixed-CA run")
-            zeros = np.zeros((len(forces), len(top.atom_residue), 3))
-            _, cg = mdcath.coarse_grain(top, zeros, np.stack(forces))
+            coords = f[domain][str(temperature)][str(rep)]["coords"][frame]
+            _, forces = fixed_ca_samples(system, top, coords, temperature, samples, steps_per_sample,
+                                         equilibration_steps, dt_fs, seed + k, threads)  # fmt: skip
+            zeros = np.zeros_like(forces)
+            _, cg = mdcath.coarse_grain(top, zeros, forces)
             per_sum.append(float(np.mean(np.var(cg, axis=0, ddof=1))))
             if weights is not None:
-                _, cgw = mdcath.coarse_grain(top, zeros, np.stack(forces), weights)
+                _, cgw = mdcath.coarse_grain(top, zeros, forces, weights)
                 per_config.append(float(np.mean(np.var(cgw, axis=0, ddof=1))))
                 mean_diff.append(float(np.sqrt(np.mean((cgw.mean(0) - cg.mean(0)) ** 2))))
                 mean_rms.append(float(np.sqrt(np.mean(cg.mean(0) ** 2))))

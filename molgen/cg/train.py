@@ -69,7 +69,7 @@ def build_data(config):
 
 def load_split(source) -> dict:
     """All frames of a split as numpy arrays (CG datasets are small)."""
-    keys = ("positions", "forces", "species", "mask", "temperature", "replica", "frame")
+    keys = ("positions", "forces", "species", "mask", "temperature", "replica", "frame", "extra")
     rows = [source[i] for i in range(len(source))]
     out = {k: np.stack([np.asarray(r[k]) for r in rows]) for k in keys}
     out["domain"] = np.asarray([as_str(r["domain"]) for r in rows])
@@ -312,6 +312,7 @@ def fit_priors(config, workdir, train) -> dict:
     if path.exists():
         return priors.load(str(path))
     pc = config.priors
+    train = {k: v[~train["extra"]] for k, v in train.items()}  # Boltzmann samples only (data.extra_train)
     temps = train["temperature"]
     t = pc.temperature or int(temps.min())
     sel = temps == t
