@@ -62,7 +62,7 @@ def test_allegro_is_e3_equivariant_with_the_e3nn_helper(env_norm):
         e, g = e_bead(pos.array), jax.grad(lambda y: e_bead(y).sum())(pos.array)
         return e3nn.concatenate([e3nn.IrrepsArray("0e", e[:, None]), e3nn.IrrepsArray("1o", -g)], axis=-1)
 
-    e3nn.utils.assert_equivariant(fn, jax.random.key(1), e3nn.IrrepsArray("1o", x), atol=5e-4, rtol=5e-4)
+    e3nn.utils.assert_equivariant(jax.jit(fn), jax.random.key(1), e3nn.IrrepsArray("1o", x), atol=5e-4, rtol=5e-4)
 
 
 def test_total_energy_se3_invariant_forces_rotate():
@@ -151,8 +151,8 @@ def _model(box=0.0):
 
 def test_virial_in_free_space_is_sum_of_x_outer_f():
     train, model, params, pp, x, spc, mask = _model()
-    e, f, w, overflow = train.frame_forces_virial(model, params, pp, x, spc, mask)
-    e2, f2, _ = train.frame_forces(model, params, pp, x, spc, mask)
+    e, f, w, overflow = jax.jit(lambda p: train.frame_forces_virial(model, p, pp, x, spc, mask))(params)
+    e2, f2, _ = jax.jit(lambda p: train.frame_forces(model, p, pp, x, spc, mask))(params)
     assert not bool(overflow) and np.isclose(float(e), float(e2), rtol=1e-6)
     np.testing.assert_allclose(f, f2, rtol=1e-5, atol=1e-5)
     real = np.asarray(mask)

@@ -163,7 +163,7 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)  # absl set one up
     temps = [int(t) for t in a.temperatures.split(",")]
     run_round(a.model_workdir, a.out, temps, a.steps, configs=a.configs, samples=a.samples, seed=a.seed)
 
