@@ -40,10 +40,9 @@ from molgen.cg import analysis, data, export, md, mdcath, simulate, train
 log = logging.getLogger("molgen.cg.active")
 
 
-def explore(trained, folder, temperature: float, steps: int, record_every: int, seed: int):
+def explore(trained, meta: dict, temperature: float, steps: int, record_every: int, seed: int):
     """CG frames [F, R, 3] of jax-md Langevin MD (2 fs, damping 500 fs) from the folded structure."""
     _, model, nn_params, prior_params, _ = trained
-    _, meta = export.load(folder)
     system = md.make_system(meta)
     kw = dict(ensemble="nvt", dt=2.0, gamma=1 / 500.0, seed=seed, record_every=record_every)
     frames, energies, _ = md.run(model, nn_params, prior_params, system, temperature=temperature, steps=steps, **kw)
@@ -98,7 +97,7 @@ def run_round(model_workdir: str, out: str, temperatures=(320, 348), steps: int 
                 frames, energies, folded = z["frames"], z["energies"], z["folded"]
         else:
             t0 = time.time()
-            frames, energies, folded = explore(trained, folder, temp, steps, record_every, seed)
+            frames, energies, folded = explore(trained, meta, temp, steps, record_every, seed)
             np.savez(traj_path, frames=frames, energies=energies, folded=folded)
             log.info("explored %d K: %d steps in %.0f s", temp, steps, time.time() - t0)
         obs = analysis.observables(frames, folded)
