@@ -102,7 +102,8 @@ def get_config(variant: str = "quick"):
             weights=dict(bond=0.5, angle=0.25, dihedral=0.25, repulsive=1.0, excluded=1.0),
         )  # fmt: skip
     )
-    cfg.loss = ml_collections.ConfigDict(dict(gamma_f=1.0, gamma_u=0.0))
+    # extra_weight: loss weight of data.extra_train frames (each is one of `samples` at one configuration)
+    cfg.loss = ml_collections.ConfigDict(dict(gamma_f=1.0, gamma_u=0.0, extra_weight=1.0))
     cfg.stages = ml_collections.ConfigDict(
         dict(
             # the walls (repulsive, excluded) keep their Boltzmann-inversion fit: see train.lbfgs_priors

@@ -212,3 +212,18 @@ def test_inner_switch_removes_edges_shorter_than_the_data():
     e_all = net.apply(params, x, spc, c, n, jnp.ones(len(c), bool)).sum()
     e_without = net.apply(params, x, spc, c, n, jnp.asarray(~close)).sum()
     assert np.isclose(float(e_all), float(e_without), rtol=1e-6)
+
+
+def test_force_loss_weights_extra_frames_against_a_hand_computation():
+    """loss = gamma_f * sum_frames w * sum_real |F - F_ref|^2, weight = 3 * sum_frames w * n_real,
+    w = extra_weight for data.extra_train frames and 1 otherwise."""
+    train, model, params, pp, x, spc, mask = _model()
+    xs, ms, ss = jnp.stack([x, x * 1.05]), jnp.stack([mask, mask]), jnp.stack([spc, spc])
+    ref = jax.random.normal(jax.random.key(1), xs.shape)
+    batch = {"positions": xs, "species": ss, "mask": ms, "forces": ref, "extra": jnp.asarray([False, True])}
+    loss, aux = jax.jit(lambda p, b: train.force_loss(model, pp, 2.0, extra_weight=0.25)(p, b, None))(params, batch)
+    forces = jax.jit(jax.vmap(lambda a, b, c: train.frame_forces(model, params, pp, a, b, c)[1]))(xs, ss, ms)
+    real = np.asarray(mask)
+    sq = [float(np.sum((np.asarray(forces[i]) - np.asarray(ref[i]))[real] ** 2)) for i in range(2)]
+    assert np.isclose(float(loss), 2.0 * (sq[0] + 0.25 * sq[1]), rtol=1e-5)
+    assert np.isclose(float(aux["weight"]), 3 * real.sum() * 1.25)

@@ -115,7 +115,7 @@ def noise_floor(config, workdir, split, maps=None) -> dict:
 
 
 def pipeline(source, *, global_batch, seed, streams, n_streams, train=True):
-    keys = ("positions", "forces", "species", "mask")
+    keys = ("positions", "forces", "species", "mask", "extra")
     return streams_lib.array_pipeline(source, keys, global_batch=global_batch, seed=seed, streams=streams,
                                       n_streams=n_streams, train=train)  # fmt: skip
 
@@ -262,14 +262,17 @@ def frame_forces_virial(model, nn_params, prior_params, positions, species, mask
     return energy, -gx, -gs, overflow
 
 
-def force_loss(model, prior_params, gamma_f: float):
-    """loss_fn(params, batch, rng) for the shared step: sums over real bead components."""
+def force_loss(model, prior_params, gamma_f: float, extra_weight: float = 1.0):
+    """loss_fn(params, batch, rng) for the shared step: sums over real bead components, frames
+    flagged `extra` (data.extra_train) weighted by `extra_weight`; metrics are weighted means."""
 
     def loss_fn(params, batch, rng):
         del rng
         f = jax.vmap(lambda x, s, m: frame_forces(model, params, prior_params, x, s, m))
         _, forces, overflow = f(batch["positions"], batch["species"], batch["mask"])
-        m = batch["mask"][..., None].astype(jnp.float32)
+        # frames from data.extra_train count extra_weight times (1 by default)
+        w = jnp.where(batch["extra"], extra_weight, 1.0)[:, None, None]
+        m = w * batch["mask"][..., None].astype(jnp.float32)
         sq = jnp.sum(m * (forces - batch["forces"]) ** 2)
         n = jnp.sum(m) * 3.0
         prior_f = jax.vmap(lambda x, s, mk: frame_forces(model, params, prior_params, x, s, mk, use_net=False)[1])
@@ -307,12 +310,19 @@ def init_net(model: Model, seed: int, example):
 # ----------------------------------------------------------------------------- priors
 
 
+def source_frames(split) -> dict:
+    """The split without the frames of data.extra_train: the Boltzmann samples that the prior fits
+    (Boltzmann inversion and L-BFGS) need. Fixed-CA samples far from the fold have mean forces
+    several times larger than equilibrium frames and would drag the bonded priors towards them."""
+    return {k: v[~split["extra"]] for k, v in split.items()}
+
+
 def fit_priors(config, workdir, train) -> dict:
     path = pathlib.Path(workdir) / "priors.json"
     if path.exists():
         return priors.load(str(path))
     pc = config.priors
-    train = {k: v[~train["extra"]] for k, v in train.items()}  # Boltzmann samples only (data.extra_train)
+    train = source_frames(train)
     temps = train["temperature"]
     t = pc.temperature or int(temps.min())
     sel = temps == t
@@ -350,6 +360,7 @@ def lbfgs_priors(config, workdir, model: Model, params, train) -> dict:
     if path.exists():
         return priors.load(str(path))
     lc = config.stages.lbfgs
+    train = source_frames(train)
     idx = np.random.default_rng(config.train.seed).permutation(len(train["positions"]))[: lc.frames]
     x, s, m, f_ref = (jnp.asarray(train[k][idx]) for k in ("positions", "species", "mask", "forces"))
     mm = m[..., None].astype(jnp.float32)
@@ -554,7 +565,7 @@ def train_and_evaluate(config, workdir: str):
     tc = config.train
     spe = max(1, len(splits["train"]["positions"]) // tc.batch_size)
     val = splits["validation"]
-    loss_fn = force_loss(model, prior_j, config.loss.gamma_f)
+    loss_fn = force_loss(model, prior_j, config.loss.gamma_f, config.loss.get("extra_weight", 1.0))
 
     eval_steps = {}
 
