@@ -38,7 +38,7 @@ EXTRAS = {
     # CHGNet (weights ship in the wheel) for the E_hull proxy; runs in PyTorch, outside JAX.
     "chgnet": ["chgnet==0.4.2", "torch==2.13.0"],
     "atomica": [],
-    "test": ["pytest", "ruff"],
+    "test": ["pytest", "pytest-xdist", "ruff"],
 }
 EXTRAS["all"] = sorted({p for v in EXTRAS.values() for p in v})
 

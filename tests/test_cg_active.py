@@ -55,7 +55,8 @@ def test_round_writes_fixed_ca_frames_that_join_train_only(cg_trained, cg_source
     config = ml_collections.ConfigDict(json.loads((cg_trained / "config.json").read_text()))
     (tmp_path / "p1").mkdir(), (tmp_path / "p2").mkdir()
     p_all = train.fit_priors(config, str(tmp_path / "p1"), tr)
-    p_src = train.fit_priors(config, str(tmp_path / "p2"), {key: v[~tr["extra"]] for key, v in tr.items()})
+    p_src = train.fit_priors(config, str(tmp_path / "p2"), train.source_frames(tr))
+    assert len(train.source_frames(tr)["positions"]) == len(tr["positions"]) - 6
     np.testing.assert_array_equal(p_all["bond"]["r0"], p_src["bond"]["r0"])  # extra frames do not enter the priors
     with pytest.raises(FileNotFoundError, match="data.extra_train: no mdCATH .h5 files at"):
         data.build(_cfg(cg_source, extra_train=str(tmp_path / "missing")), str(tmp_path / "tfds"))
