@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh lm,hf,cg,crystal,chgnet,test
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-# one worker per core; tests sharing a session fixture stay on one worker (tests/conftest.py)
-.venv/bin/python -m pytest -q -m "not slow" -n auto --dist loadgroup "$@"
+# one pytest-xdist worker per core
+.venv/bin/python -m pytest -q -m "not slow" -n auto "$@"

@@ -30,19 +30,6 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running (minutes); deselect with -m 'not slow'")
 
 
-# Session fixtures that a run builds once (a tiny trained model, simulated frames): every test that
-# uses one goes to the same pytest-xdist worker (`-n auto --dist loadgroup`, scripts/test.sh), the
-# other tests go by module, so module fixtures are built once too.
-SHARED = ("cg_trained",)
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        shared = [f for f in SHARED if f in item.fixturenames]
-        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.module.__name__))
-
-
 @pytest.fixture(scope="session")
 def villin_h5(tmp_path_factory):
     """A tiny real mdCATH-format file: villin HP36, 320 and 348 K, one replica, 3 frames each."""
