@@ -13,6 +13,7 @@ PARAMS = {
     "dihedral": {"k": [0.4, 0.2], "gamma": [0.3, -1.0]},
     "repulsive": {"sigma": 4.5, "eps": 0.6},
     "excluded": {"sigma": [4.5, 4.8, 5.0, 5.2], "eps": 0.6},
+    "angle_wall": {"theta": 2.7, "eps": 0.6},
 }
 
 
@@ -110,3 +111,67 @@ def test_paired_gain_against_hand_values():
     assert g["mean"] == pytest.approx(d.mean())
     assert g["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(3))
     assert g["frames_better"] == pytest.approx(2 / 3)
+
+
+def _four_beads(theta):
+    """Beads 0-3 with bond 3.8 Å, the angle at bead 1 = theta and bead 3 off the 0-1-2 plane."""
+    b = 3.8
+    x1, x2 = np.zeros(3), np.array([b, 0.0, 0.0])
+    x0 = x1 + b * np.array([np.cos(np.pi - theta) * -1.0, np.sin(np.pi - theta), 0.0])
+    x3 = x2 + b * np.array([0.3, 0.5, 0.8]) / np.linalg.norm([0.3, 0.5, 0.8])
+    return jnp.asarray(np.stack([x0, x1, x2, x3]), jnp.float32)
+
+
+def test_dihedral_stays_continuous_and_bounded_through_a_collinear_angle():
+    """Open the angle at bead 1 through 180 degrees: the damped dihedral energy changes smoothly
+    and its forces stay bounded; the undamped series jumps there (what broke NVE)."""
+    p = priors.as_jax({**PARAMS, "dihedral": {"k": [2.0, 1.0], "gamma": [0.3, -1.0]}})
+    p.pop("angle_wall")
+    topo, m = priors.topology(4), jnp.ones(4, bool)
+    e = jax.jit(lambda x: priors.term_energies(p, x, m, topo)["dihedral"])
+    f = jax.jit(jax.grad(lambda x: priors.term_energies(p, x, m, topo)["dihedral"]))
+    thetas = np.deg2rad(np.linspace(150.0, 210.0, 601))  # past 180: the bead swings to the other side
+    with jax.debug_nans(True):
+        es = np.asarray([e(_four_beads(t)) for t in thetas])
+        fs = np.asarray([np.abs(f(_four_beads(t))).max() for t in thetas])
+    assert np.all(np.isfinite(es)) and np.all(np.isfinite(fs))
+    assert np.abs(np.diff(es)).max() < 0.05 and fs.max() < 20.0
+    assert np.all(es[np.abs(np.rad2deg(thetas) - 180.0) < 5.0] == 0.0)  # both sides of collinear: fully damped
+    x = _four_beads(np.deg2rad(150.0))  # below the damping window the series is untouched
+    phi = geometry.dihedrals(x[None])[0]
+    hand = 0.25 * sum(k * (1 + np.cos(n * phi - g)) for n, k, g in ((1, 2.0, 0.3), (2, 1.0, -1.0)))
+    np.testing.assert_allclose(es[0], hand, rtol=1e-5)
+    series = ((1, 2.0, 0.3), (2, 1.0, -1.0))
+
+    def raw(t):
+        phi = geometry.dihedrals(_four_beads(t)[None])[0]
+        return 0.25 * sum(k * (1 + np.cos(n * phi - g)) for n, k, g in series)
+
+    assert abs(raw(np.deg2rad(179.9)) - raw(np.deg2rad(180.1))) > 0.5  # the undamped energy jumps
+
+
+def test_dihedral_damping_and_angle_wall_against_hand_values():
+    lo, hi = np.deg2rad(priors.DIHEDRAL_DAMP)
+    mid = 0.5 * (lo + hi)
+    assert float(priors.dihedral_damping(mid, 1.0)) == pytest.approx(0.5)  # smoothstep(1/2) = 1/2
+    t = 0.25
+    hand = 1 - (10 * t**3 - 15 * t**4 + 6 * t**5)
+    assert float(priors.dihedral_damping(lo + t * (hi - lo), lo)) == pytest.approx(hand)
+    assert float(priors.dihedral_damping(hi, 1.0)) == 0.0 and float(priors.dihedral_damping(lo, lo)) == 1.0
+    p = priors.as_jax(PARAMS)
+    topo, m = priors.topology(4), jnp.ones(4, bool)
+    for deg in (150.0, 165.0, 175.0):
+        th = np.deg2rad(deg)
+        wall = priors.term_energies(p, _four_beads(th), m, topo)["angle_wall"]
+        th1 = float(geometry.angles(_four_beads(th)[1:][None])[0])  # the angle at bead 2
+        hand = sum(0.6 * ((np.pi - 2.7) / (np.pi - a)) ** 4 for a in (th, th1))
+        np.testing.assert_allclose(wall, hand, rtol=1e-4)
+
+
+def test_fit_puts_the_angle_wall_at_the_tail_quantile(villin_h5):
+    runs = list(mdcath.read_cg(villin_h5))
+    pos = np.concatenate([r.positions for r in runs])
+    params, _, samples = priors.fit(pos, np.ones(pos.shape[:2], bool), temperature=320, bins=20)
+    w = params["angle_wall"]
+    assert w["theta"] == pytest.approx(np.quantile(samples["angle"], 0.995))
+    assert w["eps"] == pytest.approx(priors.KB * 320) and np.rad2deg(w["theta"]) < priors.DIHEDRAL_DAMP[0]
