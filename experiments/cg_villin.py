@@ -97,6 +97,7 @@ def get_config(variant: str = "quick"):
             n_dihedral=4,
             bins=60,
             tail_quantile=0.005,
+            wall_power=4.0,  # power of the repulsive, excluded-volume and angle walls (molgen.cg.priors)
             ridge=1e-3,  # keeps the Fourier fits over a narrow angle range well conditioned
             excluded_volume=True,
             weights=dict(bond=0.5, angle=0.25, dihedral=0.25, repulsive=1.0, excluded=1.0),

@@ -166,33 +166,17 @@ def residue_masses(resnames) -> list[float]:
 
 def write(workdir: str, out: str | None = None, platforms=("cpu", "cuda")) -> pathlib.Path:
     """Export the best model of a CG training workdir into `out` (default <workdir>/export)."""
-    from molgen.cg import data, mdcath
-
     config, model, nn_params, prior_params, info = load_trained(workdir)
     out = pathlib.Path(out or pathlib.Path(workdir) / "export")
     out.mkdir(parents=True, exist_ok=True)
     exp = export(model, nn_params, prior_params, platforms)
     blob = exp.serialize()
-    proteins = []
-    for path in data.source_files(config.data.source):
-        for dom in mdcath.domains(path):
-            import h5py
-
-            with h5py.File(path, "r") as f:
-                pdb = mdcath._text(f[dom]["pdbProteinAtoms"])
-            topo = mdcath.parse_topology(pdb, dom)
-            folded = mdcath.ca_positions(pdb, topo).tolist()
-            proteins.append({"domain": dom, "n_beads": len(topo.species), "resnames": list(topo.resnames),
-                             "species": topo.species.tolist(), "masses": residue_masses(topo.resnames),
-                             "chains": [len(topo.species)], "folded": folded})  # fmt: skip
     meta = {
         "format": FORMAT,
-        "species": {name: i for i, name in enumerate(mdcath.AMINO_ACIDS)},
-        "species_masses": dict(zip(mdcath.AMINO_ACIDS, residue_masses(mdcath.AMINO_ACIDS), strict=True)),
+        **system_metadata(config),
         "cutoff": float(config.model.cutoff),
         "box": float(config.model.get("box", 0.0)),
         "units": {"style": "real", "length": "Å", "energy": "kcal/mol", "force": "kcal/mol/Å", "mass": "amu"},
-        "proteins": proteins,
         "inputs": [
             "positions f32[n,3]",
             "species i32[n]",
@@ -211,6 +195,31 @@ def write(workdir: str, out: str | None = None, platforms=("cpu", "cuda")) -> pa
     _atomic_write(out / "model.mlir", exp.mlir_module().encode())
     _atomic_write(out / "metadata.json", json.dumps(meta, indent=2).encode())
     return out
+
+
+def system_metadata(config) -> dict:
+    """Species map, species masses and the proteins (bead count, residues, species, masses,
+    folded CA structure) of a CG training config's source data: the part of the export metadata
+    that `lammps.system` and `md.make_system` read."""
+    from molgen.cg import data, mdcath
+
+    proteins = []
+    for path in data.source_files(config.data.source):
+        for dom in mdcath.domains(path):
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                pdb = mdcath._text(f[dom]["pdbProteinAtoms"])
+            topo = mdcath.parse_topology(pdb, dom)
+            folded = mdcath.ca_positions(pdb, topo).tolist()
+            proteins.append({"domain": dom, "n_beads": len(topo.species), "resnames": list(topo.resnames),
+                             "species": topo.species.tolist(), "masses": residue_masses(topo.resnames),
+                             "chains": [len(topo.species)], "folded": folded})  # fmt: skip
+    return {
+        "species": {name: i for i, name in enumerate(mdcath.AMINO_ACIDS)},
+        "species_masses": dict(zip(mdcath.AMINO_ACIDS, residue_masses(mdcath.AMINO_ACIDS), strict=True)),
+        "proteins": proteins,
+    }
 
 
 def _atomic_write(path: pathlib.Path, payload: bytes):

@@ -4,9 +4,9 @@
 | bond      | 0.5 kr (r - r0)^2                    | (i, i+1)                       |
 | angle     | sum_n a_n cos(n theta) + b_n sin(n theta) | (i, i+1, i+2)             |
 | dihedral  | sum_n k_n (1 + cos(n phi - gamma_n)) | (i, ..., i+3)                  |
-| repulsive | eps (sigma / r)^4                    | pairs with separation >= 6     |
-| excluded  | eps (sigma_s / r)^4, one sigma per s | separations s = 2..5 (switch)  |
-| angle wall| eps ((pi - theta_max) / (pi - theta))^4 | (i, i+1, i+2)               |
+| repulsive | eps (sigma / r)^p                    | pairs with separation >= 6     |
+| excluded  | eps (sigma_s / r)^p, one sigma per s | separations s = 2..5 (switch)  |
+| angle wall| eps ((pi - theta_max) / (pi - theta))^p | (i, i+1, i+2)               |
 
 Parameters are shared by all residues (one chain per domain, beads in sequence order); each
 term's energy is multiplied by its weight (defaults bond 0.5, angle 0.25, dihedral 0.25,
@@ -29,7 +29,11 @@ Fit: U(x) = -kT ln(p(x) / J(x)) from the training frames' histograms, with the J
 J(r) = r^2 (bonds) and J(theta) = sin(theta) (angles), then least squares on populated bins:
 a quadratic for bonds, a Fourier series for angles and a cosine series for dihedrals. sigma is
 the `tail_quantile` of the pair distances (repulsive, and each excluded separation), and eps
-is kT, so that U(sigma) = kT.
+is kT, so that U(sigma) = kT. The walls' power p (`power` in each wall's parameters; 4 where a
+file predates it) is the fit's `wall_power`: 4 is soft enough that a network extrapolating into
+denser packings than the data outweighs it (villin's quick model gained 85 kcal/mol from the
+network while squeezing pairs to 3.4 Å against +30 from the walls); 12 (a WCA-like wall) puts
+27 kT on a pair 25% inside sigma. L-BFGS never refines `power` (see train.lbfgs_priors).
 """
 
 from __future__ import annotations
@@ -92,9 +96,9 @@ def dihedral_damping(theta1, theta2):
     return s(theta1) * s(theta2)
 
 
-def _power_wall(r, valid, sigma, eps):
+def _power_wall(r, valid, sigma, eps, power=4.0):
     r_safe = jnp.where(valid & (r > 0), r, 1.0)  # double where: no inf/NaN in the masked branch
-    return jnp.where(valid & (r > 0), eps * (sigma / r_safe) ** 4, 0.0)
+    return jnp.where(valid & (r > 0), eps * (sigma / r_safe) ** power, 0.0)
 
 
 def term_energies(params, positions_Nx3, mask_N, topo, weights=None, excluded: bool = True, displacement=None) -> dict:
@@ -117,7 +121,7 @@ def term_energies(params, positions_Nx3, mask_N, topo, weights=None, excluded: b
     wall = None
     if "angle_wall" in params:  # (pi - theta) is the wall's distance; unweighted, see the module docstring
         pw = params["angle_wall"]
-        wall = jnp.sum(_power_wall(jnp.pi - theta, v, jnp.pi - pw["theta"], pw["eps"]))
+        wall = jnp.sum(_power_wall(jnp.pi - theta, v, jnp.pi - pw["theta"], pw["eps"], pw.get("power", 4.0)))
 
     v = _valid(mask_N, topo["dihedral"])
     x4 = geometry.gather(positions_Nx3, topo["dihedral"], v, displacement)
@@ -131,13 +135,15 @@ def term_energies(params, positions_Nx3, mask_N, topo, weights=None, excluded: b
 
     v = _valid(mask_N, topo["repulsive"])
     r = geometry.distances(geometry.gather(positions_Nx3, topo["repulsive"], v, displacement))
-    out["repulsive"] = jnp.sum(_power_wall(r, v, params["repulsive"]["sigma"], params["repulsive"]["eps"]))
+    p = params["repulsive"]
+    out["repulsive"] = jnp.sum(_power_wall(r, v, p["sigma"], p["eps"], p.get("power", 4.0)))
 
     if excluded:
         v = _valid(mask_N, topo["excluded"])
         r = geometry.distances(geometry.gather(positions_Nx3, topo["excluded"], v, displacement))
         sigma = params["excluded"]["sigma"][topo["excluded_sep"] - 2]
-        out["excluded"] = jnp.sum(_power_wall(r, v, sigma, params["excluded"]["eps"]))
+        p = params["excluded"]
+        out["excluded"] = jnp.sum(_power_wall(r, v, sigma, p["eps"], p.get("power", 4.0)))
     out = {k: w[k] * e for k, e in out.items()}
     if wall is not None:
         out["angle_wall"] = wall
@@ -208,7 +214,7 @@ def _geometry_samples(positions_FxNx3, mask_FxN, topo):
 
 
 def fit(positions_FxNx3, mask_FxN, temperature: float, n_angle: int = 6, n_dihedral: int = 4, bins: int = 100,
-        tail_quantile: float = 0.005, ridge: float = 1e-3):  # fmt: skip
+        tail_quantile: float = 0.005, ridge: float = 1e-3, wall_power: float = 4.0):  # fmt: skip
     """Fitted parameters (numpy) and the histograms behind them (for plots)."""
     n_max = positions_FxNx3.shape[1]
     topo = topology(n_max)
@@ -236,14 +242,15 @@ def fit(positions_FxNx3, mask_FxN, temperature: float, n_angle: int = 6, n_dihed
     dihedral = {"k": np.hypot(a, b).tolist(), "gamma": np.arctan2(b, a).tolist()}
     curves["dihedral"] = (c[ok], u[ok] - u[ok].min())
 
-    repulsive = {"sigma": float(np.quantile(rr, tail_quantile)), "eps": float(kT)}
+    wp = float(wall_power)
+    repulsive = {"sigma": float(np.quantile(rr, tail_quantile)), "eps": float(kT), "power": wp}
     sep = topo["excluded_sep"]
     sig = []
     for s in EXCLUDED_SEPS:
         d = rx[:, sep == s][mx[:, sep == s]]
         sig.append(float(np.quantile(d, tail_quantile)) if d.size else 0.0)
-    excluded = {"sigma": sig, "eps": float(kT)}
-    angle_wall = {"theta": float(np.quantile(theta, 1.0 - tail_quantile)), "eps": float(kT)}
+    excluded = {"sigma": sig, "eps": float(kT), "power": wp}
+    angle_wall = {"theta": float(np.quantile(theta, 1.0 - tail_quantile)), "eps": float(kT), "power": wp}
     params = {"bond": bond, "angle": angle, "dihedral": dihedral, "repulsive": repulsive, "excluded": excluded,
               "angle_wall": angle_wall}  # fmt: skip
     samples = {"bond": r, "angle": theta, "dihedral": phi, "repulsive": rr}

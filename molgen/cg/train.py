@@ -329,7 +329,7 @@ def fit_priors(config, workdir, train) -> dict:
     if not sel.any():
         raise ValueError(f"priors.temperature={t} K: no training frames at that temperature ({sorted(set(temps))})")
     params, curves, samples = priors.fit(train["positions"][sel], train["mask"][sel], t, pc.n_angle, pc.n_dihedral,
-                                         pc.bins, pc.tail_quantile, pc.ridge)  # fmt: skip
+                                         pc.bins, pc.tail_quantile, pc.ridge, pc.get("wall_power", 4.0))  # fmt: skip
     if jax.process_index() == 0:
         priors.save(params, str(path))
         priors.plot(params, curves, samples, t, str(pathlib.Path(workdir) / "priors.png"))
@@ -342,8 +342,17 @@ def fit_priors(config, workdir, train) -> dict:
 POSITIVE = {"bond": ("kr",), "repulsive": ("eps", "sigma"), "excluded": ("eps", "sigma")}
 
 
+FIXED = ("power",)  # a wall's power is a modelling choice (priors.fit's wall_power), never refined
+
+
 def _to_free(p):
-    return {t: {k: jnp.log(jnp.abs(v)) if k in POSITIVE.get(t, ()) else v for k, v in d.items()} for t, d in p.items()}
+    return {t: {k: jnp.log(jnp.abs(v)) if k in POSITIVE.get(t, ()) else v for k, v in d.items() if k not in FIXED}
+            for t, d in p.items()}  # fmt: skip
+
+
+def _merge(p_all, z):
+    """Every prior parameter, those in the free parameters `z` taken from them."""
+    return {**p_all, **{t: {**p_all[t], **v} for t, v in _from_free(z).items()}}
 
 
 def _from_free(z):
@@ -369,7 +378,7 @@ def lbfgs_priors(config, workdir, model: Model, params, train) -> dict:
     z0 = _to_free({t: v for t, v in p_all.items() if t in terms})
 
     def loss(z):
-        p = {**p_all, **_from_free(z)}
+        p = _merge(p_all, z)
         f = jax.vmap(lambda a, b, c: frame_forces(model, None, p, a, b, c, use_net=False)[1])(x, s, m)
         return jnp.sum(mm * (f - f_ref) ** 2) / (jnp.sum(mm) * 3)
 
@@ -391,7 +400,7 @@ def lbfgs_priors(config, workdir, model: Model, params, train) -> dict:
         log.warning("L-BFGS prior refinement gave force MSE %.4g vs %.4g before; keeping the fit", end, start)
         z = z0
     log.info("L-BFGS priors: force MSE %.4g -> %.4g on %d frames", start, min(start, end), len(idx))
-    out = jax.tree.map(lambda a: np.asarray(a).tolist(), {**p_all, **_from_free(z)})
+    out = jax.tree.map(lambda a: np.asarray(a).tolist(), _merge(p_all, z))
     if jax.process_index() == 0:
         priors.save(out, str(path))
     return out
