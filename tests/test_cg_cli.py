@@ -34,7 +34,8 @@ def test_tiny_run_writes_everything(reference):
     ev = json.loads((reference / "evaluation.json").read_text())
     for key in ("mse", "rmse", "mae", "max", "rmse_x", "mae_y", "max_z"):
         assert key in ev["model"] and key in ev["priors_only"]
-    assert set(ev["terms_rms_force"]) == {"bond", "angle", "dihedral", "repulsive", "excluded", "allegro"}
+    terms = {"bond", "angle", "dihedral", "repulsive", "excluded", "angle_wall", "allegro"}
+    assert set(ev["terms_rms_force"]) == terms
     assert ev["frames"] > 0 and ev["model"]["mse"] > 0
     nf = json.loads((reference / "noise_floor.json").read_text())  # fixed-CA MD at a test frame
     assert ev["noise_floor_mse"] == pytest.approx(nf["noise_mse"]) and nf["noise_mse"] > 0
