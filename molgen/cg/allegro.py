@@ -45,8 +45,7 @@ def inner_switch(r, inner: float, width: float):
     """C2 smoothstep: 0 below inner - width, 1 above inner. Multiplied into the envelope, it
     removes a neighbour closer than the training data ever had from every edge feature and
     energy, so that at such distances the physics priors alone set the energy."""
-    t = jnp.clip((r - (inner - width)) / width, 0.0, 1.0)
-    return t**3 * (t * (6.0 * t - 15.0) + 10.0)
+    return geometry.smoothstep((r - (inner - width)) / width)
 
 
 def _mlp(features, depth, width, name):

@@ -52,6 +52,17 @@ def _atan2_bwd(res, g):
 safe_atan2.defvjp(_atan2_fwd, _atan2_bwd)
 
 
+def smoothstep(t):
+    """C2 smoothstep 6t^5 - 15t^4 + 10t^3 of t clipped to [0, 1]."""
+    t = jnp.clip(t, 0.0, 1.0)
+    return t**3 * (t * (6.0 * t - 15.0) + 10.0)
+
+
+def stop_invalid(x_MxKx3, valid_M):
+    """Tuples with `valid` False get stop-gradient'ed positions (see the module docstring)."""
+    return jnp.where(valid_M[:, None, None], x_MxKx3, jax.lax.stop_gradient(x_MxKx3))
+
+
 def gather(positions_Nx3, index_MxK, valid_M, displacement=None):
     """Positions [M, K, 3] of the index tuples; invalid tuples get stop-gradient'ed positions.
 
@@ -63,7 +74,7 @@ def gather(positions_Nx3, index_MxK, valid_M, displacement=None):
     if displacement is not None:
         d = jax.vmap(jax.vmap(displacement, (0, None)))(x, x[:, 0])
         x = x[:, :1] + d
-    return jnp.where(valid_M[:, None, None], x, jax.lax.stop_gradient(x))
+    return stop_invalid(x, valid_M)
 
 
 def distances(x_Mx2x3):

@@ -83,22 +83,18 @@ def _valid(mask, idx):
     return jnp.all(mask[idx], axis=-1)
 
 
-def _smoothstep(t):
-    t = jnp.clip(t, 0.0, 1.0)
-    return t**3 * (t * (6.0 * t - 15.0) + 10.0)
-
-
 def dihedral_damping(theta1, theta2):
     """s(theta_1) s(theta_2): 1 while both angles are below DIHEDRAL_DAMP[0], 0 once either is
     above DIHEDRAL_DAMP[1], C2 in between (see the module docstring)."""
     lo, hi = (math.radians(a) for a in DIHEDRAL_DAMP)
-    s = lambda th: 1.0 - _smoothstep((th - lo) / (hi - lo))  # noqa: E731
+    s = lambda th: 1.0 - geometry.smoothstep((th - lo) / (hi - lo))  # noqa: E731
     return s(theta1) * s(theta2)
 
 
-def _power_wall(r, valid, sigma, eps, power=4.0):
+def _power_wall(r, valid, sigma, p):
+    """eps (sigma / r)^power with the wall's parameters `p` (power 4 where a file predates it)."""
     r_safe = jnp.where(valid & (r > 0), r, 1.0)  # double where: no inf/NaN in the masked branch
-    return jnp.where(valid & (r > 0), eps * (sigma / r_safe) ** power, 0.0)
+    return jnp.where(valid & (r > 0), p["eps"] * (sigma / r_safe) ** p.get("power", 4.0), 0.0)
 
 
 def term_energies(params, positions_Nx3, mask_N, topo, weights=None, excluded: bool = True, displacement=None) -> dict:
@@ -121,13 +117,13 @@ def term_energies(params, positions_Nx3, mask_N, topo, weights=None, excluded: b
     wall = None
     if "angle_wall" in params:  # (pi - theta) is the wall's distance; unweighted, see the module docstring
         pw = params["angle_wall"]
-        wall = jnp.sum(_power_wall(jnp.pi - theta, v, jnp.pi - pw["theta"], pw["eps"], pw.get("power", 4.0)))
+        wall = jnp.sum(_power_wall(jnp.pi - theta, v, jnp.pi - pw["theta"], pw))
 
     v = _valid(mask_N, topo["dihedral"])
     x4 = geometry.gather(positions_Nx3, topo["dihedral"], v, displacement)
     damp = dihedral_damping(geometry.angles(x4[:, :3]), geometry.angles(x4[:, 1:]))
     v = v & (damp > 0)  # fully damped dihedrals: stop-gradient'ed geometry, no 0 * inf in the forces
-    phi = geometry.dihedrals(geometry.gather(positions_Nx3, topo["dihedral"], v, displacement))
+    phi = geometry.dihedrals(geometry.stop_invalid(x4, v))
     p = params["dihedral"]
     n = jnp.arange(1, p["k"].shape[0] + 1)
     e = jnp.sum(p["k"] * (1 + jnp.cos(n * phi[:, None] - p["gamma"])), -1)
@@ -135,15 +131,13 @@ def term_energies(params, positions_Nx3, mask_N, topo, weights=None, excluded: b
 
     v = _valid(mask_N, topo["repulsive"])
     r = geometry.distances(geometry.gather(positions_Nx3, topo["repulsive"], v, displacement))
-    p = params["repulsive"]
-    out["repulsive"] = jnp.sum(_power_wall(r, v, p["sigma"], p["eps"], p.get("power", 4.0)))
+    out["repulsive"] = jnp.sum(_power_wall(r, v, params["repulsive"]["sigma"], params["repulsive"]))
 
     if excluded:
         v = _valid(mask_N, topo["excluded"])
         r = geometry.distances(geometry.gather(positions_Nx3, topo["excluded"], v, displacement))
         sigma = params["excluded"]["sigma"][topo["excluded_sep"] - 2]
-        p = params["excluded"]
-        out["excluded"] = jnp.sum(_power_wall(r, v, sigma, p["eps"], p.get("power", 4.0)))
+        out["excluded"] = jnp.sum(_power_wall(r, v, sigma, params["excluded"]))
     out = {k: w[k] * e for k, e in out.items()}
     if wall is not None:
         out["angle_wall"] = wall
