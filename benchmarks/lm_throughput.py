@@ -2,7 +2,8 @@
 
     python benchmarks/lm_throughput.py [--preset=cpu_small] [--batch=8] [--seq=512] [--gen_batch=32] [--new=256]
 
-Prints training tokens/s (same model config, batch and AdamW), sampling tokens/s (KV cache,
+Prints training tokens/s (the molgen pretraining step, `core.step.make_train_step` over
+`pretrain.lm_loss`, against `transformers` with the same model config, batch and AdamW), sampling tokens/s (KV cache,
 same prompts, exactly `--new` tokens per row on both sides), the ratios, and the achieved
 training FLOP/s as a fraction of this machine's measured float32 matmul peak. Each pair is
 timed in alternating blocks and the medians compared (`compare`).
@@ -24,8 +25,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from benchmarks.timing import median_time  # noqa: E402
 from configs import lm_models  # noqa: E402
-from molgen.lm import convert, sample  # noqa: E402
-from molgen.lm.model import Qwen3, Qwen3Config, flops_per_token, packed_mask  # noqa: E402
+from molgen.core.distributed import make_mesh  # noqa: E402
+from molgen.core.step import TrainState, global_batch, make_train_step, replicate  # noqa: E402
+from molgen.lm import convert, pretrain, sample  # noqa: E402
+from molgen.lm.model import Qwen3, Qwen3Config, flops_per_token  # noqa: E402
 
 
 def compare(fn_a, fn_b, n, rounds=3):
@@ -75,29 +78,23 @@ def main():
     rng = np.random.default_rng(0)
     tokens = rng.integers(6, cfg.vocab_size, size=(a.batch, a.seq)).astype(np.int32)
 
-    # --- training step ---------------------------------------------------------------
-    model = Qwen3(cfg)
+    # --- training step: the molgen step (shard_map over a 1-device mesh, pretraining loss) ---------------
     tx = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.1)
-    opt = tx.init(params)
-    pos = jnp.broadcast_to(jnp.arange(a.seq), (a.batch, a.seq))
-    mask = packed_mask(jnp.ones((a.batch, a.seq), jnp.int32))
-
-    @jax.jit
-    def step(p, o, tok):
-        def loss(p):
-            logits, _ = model.apply({"params": p}, tok, pos, mask)
-            return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tok[:, 1:]).mean()
-
-        val, g = jax.value_and_grad(loss)(p)
-        u, o = tx.update(g, o, p)
-        return optax.apply_updates(p, u), o, val
-
-    state = [params, opt]
-    tok_j = jnp.asarray(tokens)
+    mesh = make_mesh(1)
+    train_step = make_train_step(pretrain.lm_loss(Qwen3(cfg)), mesh)
+    batch = global_batch(
+        {
+            "tokens": tokens,
+            "positions": np.broadcast_to(np.arange(a.seq, dtype=np.int32), (a.batch, a.seq)).copy(),
+            "segment_ids": np.ones((a.batch, a.seq), np.int32),
+        },
+        mesh,
+    )
+    state = [replicate(TrainState.create(jax.tree.map(jnp.array, params), tx), mesh)]  # a copy: the step donates it
 
     def jax_train():
-        state[0], state[1], val = step(state[0], state[1], tok_j)
-        val.block_until_ready()
+        state[0], metrics = train_step(state[0], batch, jax.random.key(0))
+        metrics["loss"].block_until_ready()
 
     hf.train()
     topt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)

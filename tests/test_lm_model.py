@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 
 from molgen.lm import convert
-from molgen.lm.model import Qwen3, Qwen3Config, cache_mask, count_params, init_cache, packed_mask
+from molgen.lm.model import (
+    Qwen3,
+    Qwen3Config,
+    attend,
+    cache_mask,
+    causal_attend,
+    count_params,
+    init_cache,
+    packed_mask,
+)
 
 TINY = Qwen3Config(vocab_size=384, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=160)
 
@@ -34,8 +43,10 @@ def test_logits_match_transformers_qwen3():
     with torch.no_grad():
         ref = hf(torch.tensor(tokens)).logits.numpy()
     pos = jnp.broadcast_to(jnp.arange(24), (2, 24))
-    ours, _ = Qwen3(TINY).apply({"params": params}, jnp.asarray(tokens), pos, packed_mask(jnp.ones((2, 24), jnp.int32)))
-    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=1e-4)
+    ones = jnp.ones((2, 24), jnp.int32)
+    for mask in (packed_mask(ones), ones):  # explicit mask, and segment ids (the training path, causal_attend)
+        ours, _ = Qwen3(TINY).apply({"params": params}, jnp.asarray(tokens), pos, mask)
+        np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=1e-4)
     back = convert.params_to_hf(params, TINY)
     assert all(np.array_equal(back[k], tensors[k]) for k in back)
 
@@ -70,6 +81,30 @@ def test_packed_segments_do_not_attend_across_molecules():
         {"params": params}, jnp.asarray(b[None]), jnp.arange(9)[None], packed_mask(jnp.ones((1, 9), jnp.int32))
     )
     np.testing.assert_allclose(out[:, 7:], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [8, 32])
+def test_blockwise_causal_attention_equals_masked_attention_with_gradients(block):
+    """causal_attend (blocks above the diagonal skipped, flash backward) against attend under
+    packed_mask: values and all three gradients, with three segments and padding (rows that see
+    no key) in one row and a single segment in the other."""
+    b, t, h, kv, d = 2, 32, 4, 2, 16
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.float32) for n in (h, kv, kv))
+    seg = jnp.asarray([[1] * 5 + [2] * 11 + [3] * 10 + [0] * 6, [1] * t])
+    w = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
+
+    def masked(q, k, v):
+        return attend(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), packed_mask(seg), jnp.float32)
+
+    def blockwise(q, k, v):
+        return causal_attend(q, k, v, seg, block)
+
+    np.testing.assert_allclose(blockwise(q, k, v), masked(q, k, v), atol=1e-5)
+    grads = [jax.grad(lambda *x, f=f: jnp.sum(f(*x) * w), (0, 1, 2))(q, k, v) for f in (masked, blockwise)]
+    for g_ref, g in zip(*grads):
+        np.testing.assert_allclose(g, g_ref, atol=2e-5)
+        assert float(jnp.max(jnp.abs(g_ref))) > 0.1
 
 
 def test_qwen3_06b_preset_has_596m_parameters():

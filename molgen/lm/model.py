@@ -2,14 +2,18 @@
 
 Pre-norm RMSNorm (fp32), QK-norm per head before RoPE (theta 1e6, rotate-half), GQA,
 SwiGLU, no biases, tied embeddings. The same module trains on packed sequences and
-decodes with a KV cache: callers pass an explicit boolean mask [B, T, S] built by
-`packed_mask` (training) or `cache_mask` (decoding), and with a cache the new keys and
-values are written at the slots given by `positions` (slot == position).
+decodes with a KV cache. Callers pass either segment ids [B, T] (training on packed rows:
+causal attention within each segment, computed by `causal_attend` block by block with a
+flash-attention backward, so no [T, T] mask or probability matrix is ever stored), or an
+explicit boolean mask [B, T, S] (any pattern: `packed_mask`, or `cache_mask` for decoding).
+With a cache the new keys and values are written at the slots given by `positions`
+(slot == position).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -112,6 +116,89 @@ def attend(q_BxTxHxD, k_BxKxDxS, v_BxKxSxD, mask_BxTxS, dtype):
     return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
+NEG = float(jnp.finfo(jnp.float32).min)
+ATTN_BLOCK = 128  # query rows per block of `causal_attend`
+
+
+def _block_scores(q_blk, k, seg_BxT, q0: int, scale: float):
+    """Masked scores [B, K, Bq, G, S] of the query block starting at q0 against keys 0..S-1,
+    S = q0 + Bq (the keys a causal block can see), and the mask."""
+    bq = q_blk.shape[2]
+    s = q0 + bq
+    scores = jnp.einsum("bkqgd,bksd->bkqgs", q_blk, k[:, :, :s]).astype(jnp.float32) * scale
+    seg_q, seg_k = seg_BxT[:, q0:s], seg_BxT[:, :s]
+    causal = (q0 + jnp.arange(bq))[:, None] >= jnp.arange(s)[None, :]
+    mask = (causal[None] & (seg_q[:, :, None] == seg_k[:, None, :]) & (seg_k[:, None, :] > 0))[:, None, :, None]
+    return jnp.where(mask, scores, NEG), mask
+
+
+def _causal_fwd(q, k, v, seg, block):
+    """Output [B, K, T, G, D] and per-row softmax statistics [B, K, T, G, 2] (max, 1/sum)."""
+    scale = q.shape[-1] ** -0.5
+    outs, stats = [], []
+    for q0 in range(0, q.shape[2], block):
+        s, _ = _block_scores(q[:, :, q0 : q0 + block], k, seg, q0, scale)
+        m = jnp.max(s, -1, keepdims=True)
+        p = jnp.exp(s - m)
+        inv = 1.0 / jnp.sum(p, -1, keepdims=True)
+        outs.append(jnp.einsum("bkqgs,bksd->bkqgd", (p * inv).astype(v.dtype), v[:, :, : q0 + block]))
+        stats.append(jnp.concatenate([m, inv], -1))
+    return jnp.concatenate(outs, 2), jnp.concatenate(stats, 2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _causal(q, k, v, seg, block):
+    return _causal_fwd(q, k, v, seg, block)[0]
+
+
+def _causal_vjp_fwd(q, k, v, seg, block):
+    o, stats = _causal_fwd(q, k, v, seg, block)
+    return o, (q, k, v, seg, o, stats)
+
+
+def _causal_vjp_bwd(block, res, do):
+    """Flash-attention backward: probabilities recomputed per block from the saved statistics,
+    rowsum(dP * P) taken as rowsum(dO * O)."""
+    q, k, v, seg, o, stats = res
+    scale = q.shape[-1] ** -0.5
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1)[..., None]  # [B, K, T, G, 1]
+    b, kv, t, d = k.shape
+    dq, dk, dv = [], jnp.zeros((b, kv, d, t), jnp.float32), jnp.zeros((b, kv, d, t), jnp.float32)  # transposed
+    for q0 in range(0, q.shape[2], block):
+        e = q0 + block
+        s, mask = _block_scores(q[:, :, q0:e], k, seg, q0, scale)
+        p = jnp.exp(s - stats[:, :, q0:e, :, :1]) * stats[:, :, q0:e, :, 1:]
+        do_b = do[:, :, q0:e]
+        dv = dv.at[:, :, :, :e].add(jnp.einsum("bkqgd,bkqgs->bkds", do_b, p.astype(do.dtype)).astype(jnp.float32))
+        dp = jnp.einsum("bkqgd,bksd->bkqgs", do_b, v[:, :, :e]).astype(jnp.float32)
+        # masked scores carry no gradient (rows with no visible key attend uniformly, as a softmax would)
+        ds = jnp.where(mask, p * (dp - delta[:, :, q0:e]) * scale, 0.0).astype(q.dtype)
+        dq.append(jnp.einsum("bkqgs,bksd->bkqgd", ds, k[:, :, :e]))
+        dk = dk.at[:, :, :, :e].add(jnp.einsum("bkqgd,bkqgs->bkds", q[:, :, q0:e], ds).astype(jnp.float32))
+    dk, dv = dk.transpose(0, 1, 3, 2).astype(k.dtype), dv.transpose(0, 1, 3, 2).astype(v.dtype)
+    return jnp.concatenate(dq, 2), dk, dv, None
+
+
+_causal.defvjp(_causal_vjp_fwd, _causal_vjp_bwd)
+
+
+def causal_attend(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, block: int | None = None):
+    """Grouped-query attention, causal within packed segments (0 = padding), [B, T, H, D].
+
+    Equal to `attend` under `packed_mask(segment_ids)`, but computed per block of `block` query
+    rows against only the keys at or before the block (the blocks above the diagonal are
+    skipped: 5/8 of the work at T = 4 blocks), with a custom VJP that recomputes the
+    probabilities instead of storing [T, T] of them."""
+    b, t, h, d = q_BxTxHxD.shape
+    kv = k_BxTxKxD.shape[2]
+    block = block or ATTN_BLOCK
+    block = block if t % block == 0 else t
+    q = q_BxTxHxD.reshape(b, t, kv, h // kv, d).transpose(0, 2, 1, 3, 4)  # [B, K, T, G, D]
+    k, v = k_BxTxKxD.transpose(0, 2, 1, 3), v_BxTxKxD.transpose(0, 2, 1, 3)  # [B, K, T, D]
+    out = _causal(q, k, v, segment_ids_BxT.astype(jnp.int32), block)
+    return out.transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
+
+
 class Kernel(nn.Module):
     shape: tuple
 
@@ -136,6 +223,10 @@ class Attention(nn.Module):
         v = qkv[..., nq + nk :].reshape(b, t, c.n_kv_heads, c.head_dim)
         q = rope(RMSNorm(c.norm_eps, name="q_norm")(q), positions_BxT, c.rope_theta)
         k = rope(RMSNorm(c.norm_eps, name="k_norm")(k), positions_BxT, c.rope_theta)
+        if mask_BxTxS.ndim == 2:  # segment ids: training on packed rows
+            assert cache is None, "a KV cache needs an explicit [B, T, S] mask"
+            out = causal_attend(q, k, v.astype(dtype), mask_BxTxS)
+            return dense(x_BxTxD.shape[-1], "o_proj")(out.reshape(b, t, c.n_heads * c.head_dim)), None
         k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, D, T] and [B, K, T, D]
         if cache is not None:  # write at the given slots (default: slot == position), attend over the cache
             slots = positions_BxT.astype(jnp.int32) if slots_BxT is None else slots_BxT
@@ -185,7 +276,8 @@ class Qwen3(nn.Module):
     def __call__(self, tokens_BxT, positions_BxT, mask_BxTxS, cache=None, slots_BxT=None):
         """Logits [B, T, V] (float32) and the updated cache (None without one).
 
-        positions: RoPE positions (int or float); slots: cache slots to write, [B, T] ints
+        mask_BxTxS: segment ids [B, T] (causal within segments, 0 = padding; no cache) or a
+        boolean mask [B, T, S]. positions: RoPE positions (int or float); slots: cache slots to write, [B, T] ints
         (default: the positions) or one scalar start slot shared by all rows (fast path)."""
         c, dtype = self.cfg, DTYPES[self.cfg.dtype]
         embed = nn.Embed(c.vocab_size, c.d_model, embedding_init=_init, name="embed")

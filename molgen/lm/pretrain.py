@@ -15,7 +15,7 @@ from molgen.core.distributed import make_mesh
 from molgen.core.step import global_batch, make_eval_step
 from molgen.lm import data as lm_data
 from molgen.lm import evaluate
-from molgen.lm.model import Qwen3, Qwen3Config, count_params, packed_mask
+from molgen.lm.model import Qwen3, Qwen3Config, count_params
 
 log = logging.getLogger("molgen")
 
@@ -26,9 +26,12 @@ def lm_loss(model: Qwen3):
     def loss_fn(params, batch, rng):
         del rng
         tokens, seg = batch["tokens"], batch["segment_ids"]
-        logits, _ = model.apply({"params": params}, tokens, batch["positions"], packed_mask(seg))
-        logits, targets = logits[:, :-1], tokens[:, 1:]
-        valid = ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)).astype(jnp.float32)
+        logits, _ = model.apply({"params": params}, tokens, batch["positions"], seg)
+        # position t predicts token t+1: shift the targets, not the logits (slicing [B, T, V]
+        # logits costs a padded copy of their gradient); the last column has no target
+        targets, next_seg = jnp.roll(tokens, -1, axis=1), jnp.roll(seg, -1, axis=1)
+        last = jnp.arange(seg.shape[1]) == seg.shape[1] - 1
+        valid = ((next_seg == seg) & (seg > 0) & ~last).astype(jnp.float32)
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
         correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
         aux = {"weight": valid.sum(), "loss": (nll * valid).sum(), "accuracy": (correct * valid).sum()}
@@ -50,9 +53,7 @@ def build_data(config):
 def init_params(model_cfg: Qwen3Config, seed: int):
     tok = jnp.zeros((1, 8), jnp.int32)
     pos = jnp.arange(8)[None]
-    return jax.jit(lambda k: Qwen3(model_cfg).init(k, tok, pos, packed_mask(jnp.ones_like(tok)))["params"])(
-        jax.random.key(seed)
-    )
+    return jax.jit(lambda k: Qwen3(model_cfg).init(k, tok, pos, jnp.ones_like(tok))["params"])(jax.random.key(seed))
 
 
 def train_and_evaluate(config, workdir: str):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from molgen.lm import tokenizer
-from molgen.lm.model import Qwen3, packed_mask
+from molgen.lm.model import Qwen3
 
 BYTE_OFFSET = 2
 BYTE_VOCAB = 384  # 256 bytes + pad + eot, padded to a multiple of 128
@@ -87,9 +87,9 @@ def make_row(prompt_ids, completion, max_len: int, pos_mode: str = "sequential")
 
 def token_logps(model: Qwen3, params, tokens_BxL, positions_BxL, segment_BxL):
     """log p(token t | tokens < t) for t = 1..L-1, [B, L-1] (float32)."""
-    logits, _ = model.apply({"params": params}, tokens_BxL, positions_BxL, packed_mask(segment_BxL))
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, tokens_BxL[:, 1:, None], axis=-1)[..., 0]
+    logits, _ = model.apply({"params": params}, tokens_BxL, positions_BxL, segment_BxL)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # slice after the gather, not the logits
+    return jnp.take_along_axis(logp, jnp.roll(tokens_BxL, -1, axis=1)[..., None], axis=-1)[:, :-1, 0]
 
 
 def completion_logps(model: Qwen3, params, batch, prefix: str = ""):
