@@ -12,6 +12,7 @@ timed in alternating blocks and the medians compared (`compare`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -64,54 +65,63 @@ def main():
     ap.add_argument("--prompt", type=int, default=48)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype of both sides")
+    ap.add_argument("--skip_train", action="store_true")
     a = ap.parse_args()
+    print(f"{a}", flush=True)
 
     import torch
     import transformers
 
     torch.set_num_threads(os.cpu_count() or 1)
-    cfg = Qwen3Config.from_config(lm_models.get(a.preset))
+    cfg = dataclasses.replace(Qwen3Config.from_config(lm_models.get(a.preset)), dtype=a.dtype)
     hf = transformers.Qwen3ForCausalLM(
         transformers.Qwen3Config(**convert.config_to_hf(cfg), attn_implementation="sdpa")
     ).float()
     params = jax.tree.map(jnp.asarray, convert.hf_to_params({k: v.numpy() for k, v in hf.state_dict().items()}, cfg))
+    # bfloat16: PyTorch holds bf16 weights; molgen trains float32 master weights in bf16 compute, and
+    # samples with the weights and the KV cache in bf16 (as PyTorch does)
+    hf = hf.to(getattr(torch, a.dtype))
+    gen_params = jax.tree.map(lambda x: x.astype(a.dtype), params)
     rng = np.random.default_rng(0)
     tokens = rng.integers(6, cfg.vocab_size, size=(a.batch, a.seq)).astype(np.int32)
 
-    # --- training step: the molgen step (shard_map over a 1-device mesh, pretraining loss) ---------------
-    tx = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.1)
-    mesh = make_mesh(1)
-    train_step = make_train_step(pretrain.lm_loss(Qwen3(cfg)), mesh)
-    batch = global_batch(
-        {
-            "tokens": tokens,
-            "positions": np.broadcast_to(np.arange(a.seq, dtype=np.int32), (a.batch, a.seq)).copy(),
-            "segment_ids": np.ones((a.batch, a.seq), np.int32),
-        },
-        mesh,
-    )
-    state = [replicate(TrainState.create(jax.tree.map(jnp.array, params), tx), mesh)]  # a copy: the step donates it
+    t_jax = None
+    if not a.skip_train:
+        # --- training step: the molgen step (shard_map over a 1-device mesh, pretraining loss) ---------------
+        tx = optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.1)
+        mesh = make_mesh(1)
+        train_step = make_train_step(pretrain.lm_loss(Qwen3(cfg)), mesh)
+        batch = global_batch(
+            {
+                "tokens": tokens,
+                "positions": np.broadcast_to(np.arange(a.seq, dtype=np.int32), (a.batch, a.seq)).copy(),
+                "segment_ids": np.ones((a.batch, a.seq), np.int32),
+            },
+            mesh,
+        )
+        state = [replicate(TrainState.create(jax.tree.map(jnp.array, params), tx), mesh)]  # a copy: the step donates it
 
-    def jax_train():
-        state[0], metrics = train_step(state[0], batch, jax.random.key(0))
-        metrics["loss"].block_until_ready()
+        def jax_train():
+            state[0], metrics = train_step(state[0], batch, jax.random.key(0))
+            metrics["loss"].block_until_ready()
 
-    hf.train()
-    topt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    tok_t = torch.tensor(tokens, dtype=torch.long)
+        hf.train()
+        topt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+        tok_t = torch.tensor(tokens, dtype=torch.long)
 
-    def torch_train():
-        topt.zero_grad(set_to_none=True)
-        out = hf(tok_t, labels=tok_t)
-        out.loss.backward()
-        topt.step()
+        def torch_train():
+            topt.zero_grad(set_to_none=True)
+            out = hf(tok_t, labels=tok_t)
+            out.loss.backward()
+            topt.step()
 
-    t_jax, t_torch = compare(jax_train, torch_train, a.reps)
-    n_tok = a.batch * a.seq
-    print(
-        f"train  tokens/s  molgen {n_tok / t_jax:10,.0f}   transformers {n_tok / t_torch:10,.0f}   "
-        f"ratio {t_torch / t_jax:5.2f}x   (batch {a.batch} x seq {a.seq}, {a.preset})"
-    )
+        t_jax, t_torch = compare(jax_train, torch_train, a.reps)
+        n_tok = a.batch * a.seq
+        print(
+            f"train  tokens/s  molgen {n_tok / t_jax:10,.0f}   transformers {n_tok / t_torch:10,.0f}   "
+            f"ratio {t_torch / t_jax:5.2f}x   (batch {a.batch} x seq {a.seq}, {a.preset}, {a.dtype})"
+        )
 
     # --- sampling with a KV cache -----------------------------------------------------------
     prompts = rng.integers(6, cfg.vocab_size, size=(a.gen_batch, a.prompt)).astype(np.int32)
@@ -119,7 +129,7 @@ def main():
 
     def jax_gen():
         out, n = sample.generate(
-            params, jnp.asarray(prompts), lens, jax.random.key(0), cfg=cfg, max_new=a.new, greedy=True, stop_id=-1
+            gen_params, jnp.asarray(prompts), lens, jax.random.key(0), cfg=cfg, max_new=a.new, greedy=True, stop_id=-1
         )
         out.block_until_ready()
 
@@ -142,10 +152,12 @@ def main():
     n_gen = a.gen_batch * a.new
     print(
         f"sample tokens/s  molgen {n_gen / g_jax:10,.0f}   transformers {n_gen / g_torch:10,.0f}   "
-        f"ratio {g_torch / g_jax:5.2f}x   (batch {a.gen_batch}, prompt {a.prompt}, {a.new} new tokens, KV cache)"
+        f"ratio {g_torch / g_jax:5.2f}x   (batch {a.gen_batch}, prompt {a.prompt}, {a.new} new, KV cache, {a.dtype})"
     )
 
     # --- model FLOP utilisation ---------------------------------------------------------------
+    if t_jax is None:
+        return
     peak = matmul_peak()
     achieved = flops_per_token(cfg, a.seq) * n_tok / t_jax
     print(
