@@ -102,7 +102,7 @@ def test_blockwise_causal_attention_equals_masked_attention_with_gradients(block
 
     np.testing.assert_allclose(blockwise(q, k, v), masked(q, k, v), atol=1e-5)
     grads = [jax.grad(lambda *x, f=f: jnp.sum(f(*x) * w), (0, 1, 2))(q, k, v) for f in (masked, blockwise)]
-    for g_ref, g in zip(*grads):
+    for g_ref, g in zip(*grads, strict=True):
         np.testing.assert_allclose(g, g_ref, atol=2e-5)
         assert float(jnp.max(jnp.abs(g_ref))) > 0.1
 
