@@ -89,6 +89,9 @@ def init_cache(cfg: Qwen3Config, batch: int, length: int, dtype=None):
     ]
 
 
+NEG = float(jnp.finfo(jnp.float32).min)  # score of a masked key
+
+
 def attend(q_BxTxHxD, k_BxKxDxS, v_BxKxSxD, mask_BxTxS, dtype):
     """Grouped-query softmax attention, [B, T, H, D].
 
@@ -107,7 +110,7 @@ def attend(q_BxTxHxD, k_BxKxDxS, v_BxKxSxD, mask_BxTxS, dtype):
     else:
         scores = jnp.einsum("bkqd,bkds->bkqs", q, k).astype(jnp.float32)
     scores = scores.reshape(b, kv, g, t, s) * (d**-0.5)
-    scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(mask_BxTxS[:, None, None], scores, NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(b, kv, g * t, s)
     if t == 1:
         out = jnp.sum(probs[..., None] * v[:, :, None], axis=3)
@@ -116,7 +119,6 @@ def attend(q_BxTxHxD, k_BxKxDxS, v_BxKxSxD, mask_BxTxS, dtype):
     return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
-NEG = float(jnp.finfo(jnp.float32).min)
 ATTN_BLOCK = 128  # query rows per block of `causal_attend`
 
 
@@ -224,7 +226,8 @@ class Attention(nn.Module):
         q = rope(RMSNorm(c.norm_eps, name="q_norm")(q), positions_BxT, c.rope_theta)
         k = rope(RMSNorm(c.norm_eps, name="k_norm")(k), positions_BxT, c.rope_theta)
         if mask_BxTxS.ndim == 2:  # segment ids: training on packed rows
-            assert cache is None, "a KV cache needs an explicit [B, T, S] mask"
+            if cache is not None:
+                raise ValueError("decoding with a KV cache needs an explicit [B, T, S] mask, not segment ids")
             out = causal_attend(q, k, v.astype(dtype), mask_BxTxS)
             return dense(x_BxTxD.shape[-1], "o_proj")(out.reshape(b, t, c.n_heads * c.head_dim)), None
         k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, D, T] and [B, K, T, D]
@@ -277,8 +280,9 @@ class Qwen3(nn.Module):
         """Logits [B, T, V] (float32) and the updated cache (None without one).
 
         mask_BxTxS: segment ids [B, T] (causal within segments, 0 = padding; no cache) or a
-        boolean mask [B, T, S]. positions: RoPE positions (int or float); slots: cache slots to write, [B, T] ints
-        (default: the positions) or one scalar start slot shared by all rows (fast path)."""
+        boolean mask [B, T, S]. positions: RoPE positions (int or float); slots: cache slots to
+        write, [B, T] ints (default: the positions) or one scalar start slot shared by all rows
+        (fast path)."""
         c, dtype = self.cfg, DTYPES[self.cfg.dtype]
         embed = nn.Embed(c.vocab_size, c.d_model, embedding_init=_init, name="embed")
         x = embed(tokens_BxT).astype(dtype)
