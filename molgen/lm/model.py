@@ -66,12 +66,13 @@ def rope(x_BxTxHxD, positions_BxT, theta: float):
     return (x_BxTxHxD.astype(jnp.float32) * cos + rotated * sin).astype(x_BxTxHxD.dtype)
 
 
-def packed_mask(segment_ids_BxT):
-    """Causal attention within each packed segment; segment 0 is padding."""
-    t = segment_ids_BxT.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    same = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-    return causal[None] & same & (segment_ids_BxT[:, None, :] > 0)
+def packed_mask(segment_ids_BxT, q0: int = 0, n_queries: int | None = None):
+    """Causal attention within each packed segment; segment 0 is padding. [B, Q, S]: the rows of
+    queries q0..q0+Q-1 (default all) against keys 0..q0+Q-1, the keys a causal query can see."""
+    s = segment_ids_BxT.shape[1] if n_queries is None else q0 + n_queries
+    seg_q, seg_k = segment_ids_BxT[:, q0:s], segment_ids_BxT[:, :s]
+    causal = jnp.arange(q0, s)[:, None] >= jnp.arange(s)[None, :]
+    return causal[None] & (seg_q[:, :, None] == seg_k[:, None, :]) & (seg_k[:, None, :] > 0)
 
 
 def cache_mask(slots_BxT, cache_len: int):
@@ -126,11 +127,8 @@ def _block_scores(q_blk, k, seg_BxT, q0: int, scale: float):
     """Masked scores [B, K, Bq, G, S] of the query block starting at q0 against keys 0..S-1,
     S = q0 + Bq (the keys a causal block can see), and the mask."""
     bq = q_blk.shape[2]
-    s = q0 + bq
-    scores = jnp.einsum("bkqgd,bksd->bkqgs", q_blk, k[:, :, :s]).astype(jnp.float32) * scale
-    seg_q, seg_k = seg_BxT[:, q0:s], seg_BxT[:, :s]
-    causal = (q0 + jnp.arange(bq))[:, None] >= jnp.arange(s)[None, :]
-    mask = (causal[None] & (seg_q[:, :, None] == seg_k[:, None, :]) & (seg_k[:, None, :] > 0))[:, None, :, None]
+    scores = jnp.einsum("bkqgd,bksd->bkqgs", q_blk, k[:, :, : q0 + bq]).astype(jnp.float32) * scale
+    mask = packed_mask(seg_BxT, q0, bq)[:, None, :, None]
     return jnp.where(mask, scores, NEG), mask
 
 
@@ -228,7 +226,7 @@ class Attention(nn.Module):
         if mask_BxTxS.ndim == 2:  # segment ids: training on packed rows
             if cache is not None:
                 raise ValueError("decoding with a KV cache needs an explicit [B, T, S] mask, not segment ids")
-            out = causal_attend(q, k, v.astype(dtype), mask_BxTxS)
+            out = causal_attend(q, k, v, mask_BxTxS)
             return dense(x_BxTxD.shape[-1], "o_proj")(out.reshape(b, t, c.n_heads * c.head_dim)), None
         k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, D, T] and [B, K, T, D]
         if cache is not None:  # write at the given slots (default: slot == position), attend over the cache
