@@ -14,7 +14,9 @@ from molgen.lm.model import (
     causal_attend,
     count_params,
     init_cache,
+    linear,
     packed_mask,
+    rope,
 )
 
 TINY = Qwen3Config(vocab_size=384, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=160)
@@ -105,6 +107,36 @@ def test_blockwise_causal_attention_equals_masked_attention_with_gradients(block
     for g_ref, g in zip(*grads, strict=True):
         np.testing.assert_allclose(g, g_ref, atol=2e-5)
         assert float(jnp.max(jnp.abs(g_ref))) > 0.1
+
+
+@pytest.mark.parametrize("k, n", [(8, 24), (24, 8)])
+def test_linear_custom_vjp_equals_autodiff_of_dot(k, n):
+    """`linear` transposes the smaller operand of dW explicitly (both branches): the gradients equal
+    those of jnp.dot."""
+    rng = np.random.default_rng(0)
+    x, w, c = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((2, 5, k), (k, n), (2, 5, n)))
+    grads = [jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) * c), (0, 1))(x, w) for f in (jnp.dot, linear)]
+    np.testing.assert_allclose(linear(x, w), jnp.dot(x, w), atol=1e-6)
+    for g_ref, g in zip(*grads, strict=True):
+        np.testing.assert_allclose(g, g_ref, atol=1e-5)
+
+
+def test_rope_is_the_rotate_half_rotation_and_its_gradient_the_inverse():
+    """RoPE by a signed-permutation matmul equals the rotate-half formula (x1 cos - x2 sin,
+    x2 cos + x1 sin) with angle p * theta^(-2i/D), and its vector-Jacobian product is the rotation
+    by minus the angle (a rotation preserves norms)."""
+    rng = np.random.default_rng(1)
+    b, t, h, d = 2, 7, 3, 8
+    x = rng.normal(size=(b, t, h, d)).astype(np.float32)
+    pos = rng.uniform(0, 50, size=(b, t)).astype(np.float32)
+    ang = pos[..., None, None] * 1e4 ** (-np.arange(0, d, 2) / d)  # [B, T, 1, D/2]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    ref = np.concatenate([x1 * np.cos(ang) - x2 * np.sin(ang), x2 * np.cos(ang) + x1 * np.sin(ang)], -1)
+    out = rope(jnp.asarray(x), jnp.asarray(pos), 1e4)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    np.testing.assert_allclose(jnp.linalg.norm(out, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
+    _, vjp = jax.vjp(lambda y: rope(y, jnp.asarray(pos), 1e4), jnp.asarray(x))
+    np.testing.assert_allclose(vjp(out)[0], x, atol=1e-5)  # R^T R x = x
 
 
 def test_qwen3_06b_preset_has_596m_parameters():
