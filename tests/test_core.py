@@ -126,3 +126,38 @@ def test_nan_guard_names_metric_and_step():
 def test_mesh_rejects_bad_device_count():
     with pytest.raises(ValueError, match="num_devices=3"):
         distributed.make_mesh(3)
+
+
+def test_two_processes_building_one_dataset_wait_for_each_other(tmp_path):
+    """Two runs that need the same (real, RDKit-built) dataset at once: the build lock makes the
+    second wait and find it built, instead of failing on TFDS's rename ("already exists")."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from configs import lm_post; from molgen.lm import data; "
+        "b = data.build(lm_post.prompts_data(**lm_post.TINY_PROMPTS), sys.argv[1]); "
+        "print(data.report(b)['counts']['train']['ok'])"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+        assert out.split()[-1] == "12"
+    (version_dir,) = (tmp_path / "moses_conformers").glob("*/1.0.0")
+    assert json.loads((version_dir / "build_report.json").read_text())["counts"]["train"]["molecules"] == 12
+    assert not list((tmp_path / "moses_conformers").glob("*/incomplete*"))
