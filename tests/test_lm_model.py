@@ -17,6 +17,7 @@ from molgen.lm.model import (
     linear,
     packed_mask,
     rope,
+    rope_tables,
 )
 
 TINY = Qwen3Config(vocab_size=384, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=160)
@@ -132,10 +133,11 @@ def test_rope_is_the_rotate_half_rotation_and_its_gradient_the_inverse():
     ang = pos[..., None, None] * 1e4 ** (-np.arange(0, d, 2) / d)  # [B, T, 1, D/2]
     x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     ref = np.concatenate([x1 * np.cos(ang) - x2 * np.sin(ang), x2 * np.cos(ang) + x1 * np.sin(ang)], -1)
-    out = rope(jnp.asarray(x), jnp.asarray(pos), 1e4)
+    tables = rope_tables(jnp.asarray(pos), d, 1e4)
+    out = rope(jnp.asarray(x), tables)
     np.testing.assert_allclose(out, ref, atol=1e-5)
     np.testing.assert_allclose(jnp.linalg.norm(out, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
-    _, vjp = jax.vjp(lambda y: rope(y, jnp.asarray(pos), 1e4), jnp.asarray(x))
+    _, vjp = jax.vjp(lambda y: rope(y, tables), jnp.asarray(x))
     np.testing.assert_allclose(vjp(out)[0], x, atol=1e-5)  # R^T R x = x
 
 

@@ -36,7 +36,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from molgen.cg import forcemap, mdcath
-from molgen.core.records import build_lock
+from molgen.core.records import build_once
 
 SPLITS = ("train", "validation", "test")
 PARK_ORIGIN = 1.0e4  # Å from the origin
@@ -266,20 +266,18 @@ def build(cfg, data_dir: str) -> MdcathCG:
         extra_train=extra_sources(cfg.get("extra_train", "")),
     )
     bc = dataclasses.replace(bc, name=config_name(bc))
-    with build_lock(data_dir, MdcathCG.name, bc.name):
-        builder = MdcathCG(config=bc, data_dir=str(pathlib.Path(data_dir).expanduser()), file_format="array_record")
-        out = pathlib.Path(builder.data_dir)
-        if not (out / "build_report.json").exists():
-            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-            (out / "species.json").write_text(json.dumps(list(mdcath.AMINO_ACIDS)))
-            if builder.force_maps:
-                np.savez(out / "force_maps.npz", **builder.force_maps)
-            report = {"config": dataclasses.asdict(bc), **builder.counts}
-            (out / "build_report.json").write_text(json.dumps(report, indent=1, default=str))
-            n_skipped = sum(len(v) for v in builder.counts["skipped_frames"].values())
-            if n_skipped:
-                log.warning("skipped %d frames with NaN; see %s", n_skipped, out / "build_report.json")
-    return builder
+
+    def finish(builder, out):
+        (out / "species.json").write_text(json.dumps(list(mdcath.AMINO_ACIDS)))
+        if builder.force_maps:
+            np.savez(out / "force_maps.npz", **builder.force_maps)
+        report = {"config": dataclasses.asdict(bc), **builder.counts}
+        (out / "build_report.json").write_text(json.dumps(report, indent=1, default=str))
+        n_skipped = sum(len(v) for v in builder.counts["skipped_frames"].values())
+        if n_skipped:
+            log.warning("skipped %d frames with NaN; see %s", n_skipped, out / "build_report.json")
+
+    return build_once(MdcathCG, bc, data_dir, finish)
 
 
 def extra_sources(value) -> tuple:

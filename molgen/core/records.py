@@ -4,6 +4,8 @@ import contextlib
 import fcntl
 import pathlib
 
+import tensorflow_datasets as tfds
+
 
 @contextlib.contextmanager
 def build_lock(data_dir: str, builder_name: str, config_name: str):
@@ -22,6 +24,20 @@ def build_lock(data_dir: str, builder_name: str, config_name: str):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def build_once(builder_cls, config, data_dir: str, finish):
+    """The TFDS builder for `config` under `data_dir`, built (ArrayRecord) unless its
+    `build_report.json` exists. After a build, `finish(builder, out_dir)` writes that report and
+    whatever else the family keeps beside the data. All of it runs under `build_lock`."""
+    data_dir = str(pathlib.Path(data_dir).expanduser())
+    with build_lock(data_dir, builder_cls.name, config.name):
+        builder = builder_cls(config=config, data_dir=data_dir, file_format="array_record")
+        out = pathlib.Path(builder.data_dir)
+        if not (out / "build_report.json").exists():
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+            finish(builder, out)
+    return builder
 
 
 def as_str(x) -> str:

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from molgen.chem import crystal as xtal
-from molgen.core.records import build_lock
+from molgen.core.records import build_once
 
 SPLITS = ("train", "validation", "test")
 FILES = {"train": "train.csv", "validation": "val.csv", "test": "test.csv"}
@@ -173,17 +173,15 @@ def build(cfg, data_dir: str) -> CrystalCSV:
     bc = CrystalConfig(name="", source=source, n_max=n_max, properties=tuple(cfg.properties),
                        resplit=tuple(cfg.resplit), seed=cfg.seed)  # fmt: skip
     bc = dataclasses.replace(bc, name=config_name(bc))
-    with build_lock(data_dir, CrystalCSV.name, bc.name):
-        builder = CrystalCSV(config=bc, data_dir=str(pathlib.Path(data_dir).expanduser()), file_format="array_record")
-        out = pathlib.Path(builder.data_dir)
-        if not (out / "build_report.json").exists():
-            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-            report = {"config": dataclasses.asdict(bc), **builder.counts}
-            (out / "build_report.json").write_text(json.dumps(report, indent=1, default=str))
-            if builder.counts["skipped"]:
-                log.warning("skipped %d rows whose CIF does not parse; see %s", len(builder.counts["skipped"]),
-                            out / "build_report.json")  # fmt: skip
-    return builder
+
+    def finish(builder, out):
+        report = {"config": dataclasses.asdict(bc), **builder.counts}
+        (out / "build_report.json").write_text(json.dumps(report, indent=1, default=str))
+        if builder.counts["skipped"]:
+            log.warning("skipped %d rows whose CIF does not parse; see %s", len(builder.counts["skipped"]),
+                        out / "build_report.json")  # fmt: skip
+
+    return build_once(CrystalCSV, bc, data_dir, finish)
 
 
 def max_atoms(source: str, properties: tuple) -> int:

@@ -27,7 +27,7 @@ import tensorflow_datasets as tfds
 
 from molgen.chem import enriched, moses
 from molgen.core import streams as streams_lib
-from molgen.core.records import as_str, build_lock
+from molgen.core.records import as_str, build_once
 from molgen.lm import tokenizer
 
 SPLITS = ("train", "validation", "test")
@@ -136,24 +136,22 @@ def build(cfg, data_dir: str) -> MosesConformers:
         source_test=cfg.source_test,
     )
     bc = dataclasses.replace(bc, name=config_name(bc))
-    with build_lock(data_dir, MosesConformers.name, bc.name):
-        data_dir = str(pathlib.Path(data_dir).expanduser())
-        builder = MosesConformers(config=bc, data_dir=data_dir, file_format="array_record")
-        report = pathlib.Path(builder.data_dir) / "build_report.json"
-        if not report.exists():
-            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-            report.write_text(
-                json.dumps(
-                    {"config": dataclasses.asdict(bc), "counts": builder.counts, "failures": builder.failures},
-                    indent=1,
-                    default=str,
-                )
+
+    def finish(builder, out):
+        report = out / "build_report.json"
+        report.write_text(
+            json.dumps(
+                {"config": dataclasses.asdict(bc), "counts": builder.counts, "failures": builder.failures},
+                indent=1,
+                default=str,
             )
-            for f in builder.failures[:20]:
-                log.warning("skipped %s record %d (%r): %s", f["source"], f["record"], f["smiles"], f["error"])
-            if builder.failures:
-                log.warning("%d molecules skipped in total; see %s", len(builder.failures), report)
-    return builder
+        )
+        for f in builder.failures[:20]:
+            log.warning("skipped %s record %d (%r): %s", f["source"], f["record"], f["smiles"], f["error"])
+        if builder.failures:
+            log.warning("%d molecules skipped in total; see %s", len(builder.failures), report)
+
+    return build_once(MosesConformers, bc, data_dir, finish)
 
 
 def report(builder) -> dict:

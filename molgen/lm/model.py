@@ -18,6 +18,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -66,18 +67,18 @@ def rope_tables(positions_BxT, d: int, theta: float):
 def _rotate_half_matrix(d: int):
     """R with x @ R = concat(-x2, x1): a signed permutation, so the product is exact. XLA:CPU runs
     this tiny matmul (and its transpose in the backward) faster than a minor-axis concatenate."""
-    h = d // 2
-    r = jnp.zeros((d, d), jnp.float32)
-    return r.at[jnp.arange(h) + h, jnp.arange(h)].set(-1.0).at[jnp.arange(h), jnp.arange(h) + h].set(1.0)
+    h = np.arange(d // 2)
+    r = np.zeros((d, d), np.float32)
+    r[h + d // 2, h], r[h, h + d // 2] = -1.0, 1.0
+    return r
 
 
-def rope(x_BxTxHxD, positions_BxT, theta: float, tables=None):
-    """Rotary embedding (rotate-half, as Qwen3/transformers), in float32. `tables`: `rope_tables`
-    already computed for these positions."""
-    d = x_BxTxHxD.shape[-1]
-    cos, sin = tables or rope_tables(positions_BxT, d, theta)
+def rope(x_BxTxHxD, tables):
+    """Rotary embedding (rotate-half, as Qwen3/transformers) in float32, with the (cos, sin) of
+    `rope_tables` for these positions."""
+    cos, sin = tables
     x = x_BxTxHxD.astype(jnp.float32)
-    rotated = jnp.dot(x, _rotate_half_matrix(d), precision=jax.lax.Precision.HIGHEST)
+    rotated = jnp.dot(x, _rotate_half_matrix(x.shape[-1]), precision=jax.lax.Precision.HIGHEST)
     return (x * cos + rotated * sin).astype(x_BxTxHxD.dtype)
 
 
@@ -266,8 +267,8 @@ class Attention(nn.Module):
         k = qkv[..., nq : nq + nk].reshape(b, t, c.n_kv_heads, c.head_dim)
         v = qkv[..., nq + nk :].reshape(b, t, c.n_kv_heads, c.head_dim)
         tables = tables or rope_tables(positions_BxT, c.head_dim, c.rope_theta)
-        q = rope(RMSNorm(c.norm_eps, name="q_norm")(q), positions_BxT, c.rope_theta, tables)
-        k = rope(RMSNorm(c.norm_eps, name="k_norm")(k), positions_BxT, c.rope_theta, tables)
+        q = rope(RMSNorm(c.norm_eps, name="q_norm")(q), tables)
+        k = rope(RMSNorm(c.norm_eps, name="k_norm")(k), tables)
         if mask_BxTxS.ndim == 2:  # segment ids: training on packed rows
             if cache is not None:
                 raise ValueError("decoding with a KV cache needs an explicit [B, T, S] mask, not segment ids")
