@@ -6,16 +6,17 @@ import ml_collections
 
 from configs import common
 
-SHARED = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "crystals"))
+# Shipped with the repository (third_party/data/crystals/SOURCE.md: origin, licence, checksums).
+CRYSTALS = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "third_party", "data", "crystals"))
 DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "molgen", "tfds")
 
 # dataset name -> data group. perov_5 ships only val and test here: both are pooled and split
 # 80/10/10 with seed 0 (resplit). The MP-20 subset keeps its own train/val/test files; full
 # MP-20 drops in by pointing data.source at its folder.
 DATASETS = {
-    "perov": dict(source=os.path.join(SHARED, "perov_5"), properties=("heat_ref", "dir_gap"), resplit=(0.1, 0.1)),
+    "perov": dict(source=os.path.join(CRYSTALS, "perov_5"), properties=("heat_ref", "dir_gap"), resplit=(0.1, 0.1)),
     "mp20": dict(
-        source=os.path.join(SHARED, "mp_20_subset"),
+        source=os.path.join(CRYSTALS, "mp_20_subset"),
         properties=("band_gap", "formation_energy_per_atom", "e_above_hull"),
         resplit=(),
     ),

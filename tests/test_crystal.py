@@ -16,7 +16,7 @@ from molgen.chem import crystal as xtal
 from molgen.crystal import data, diffusion, vae
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-MP20 = ROOT.parent / "shared" / "data" / "crystals" / "mp_20_subset"
+MP20 = ROOT / "third_party" / "data" / "crystals" / "mp_20_subset"
 BAD_CIF = "data_broken\n_cell_length_a 4.0\nloop_\n _atom_site_fract_x\n  nonsense\n"
 
 
@@ -33,7 +33,7 @@ def tiny_csvs(tmp_path_factory):
     import csv
 
     for split, n in (("train", 24), ("val", 8), ("test", 8)):
-        rows = xtal.read_csv(str(MP20 / f"{split}.csv"))[:n]
+        rows = xtal.read_csv(str(MP20 / f"{split}.csv.gz"))[:n]
         if split == "train":
             rows.insert(3, {**rows[0], "material_id": "mp-broken", "cif": BAD_CIF})
         with open(out / f"{split}.csv", "w", newline="") as f:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gzip
 import itertools
 import math
 import warnings
@@ -37,9 +38,10 @@ class Crystal:
 
 
 def read_csv(path: str) -> list[dict]:
-    """Rows of a CDVAE-format CSV (the CIF fields are long)."""
+    """Rows of a CDVAE-format CSV, plain or gzip-compressed (`.csv.gz`); the CIF fields are long."""
     csv.field_size_limit(1 << 30)
-    with open(path, newline="") as f:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", newline="") as f:
         return list(csv.DictReader(f))
 
 

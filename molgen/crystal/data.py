@@ -1,6 +1,7 @@
 """Crystals from a folder of CDVAE-format CSV splits: a TFDS builder (ArrayRecord, no TensorFlow).
 
-The folder holds `train.csv`, `val.csv` and `test.csv` (the CDVAE layout, e.g. full MP-20),
+The folder holds `train.csv`, `val.csv` and `test.csv` (the CDVAE layout, e.g. full MP-20; each
+may be gzip-compressed as `.csv.gz`),
 or any subset of them with `resplit` set: then all rows are pooled and cut into
 train/validation/test with `seed` (perov_5 here ships only val and test). Each row's `cif`
 is parsed with pymatgen and Niggli-reduced; an example holds the lattice matrix and
@@ -41,9 +42,15 @@ class CrystalConfig(tfds.core.BuilderConfig):
 
 
 def csv_files(source: str) -> dict[str, str]:
-    found = {s: os.path.join(source, f) for s, f in FILES.items() if os.path.exists(os.path.join(source, f))}
+    """split -> path of `<name>.csv` or, failing that, `<name>.csv.gz` in `source`."""
+    found = {}
+    for split, name in FILES.items():
+        for path in (os.path.join(source, name), os.path.join(source, name + ".gz")):
+            if os.path.exists(path):
+                found[split] = path
+                break
     if not found:
-        raise FileNotFoundError(f"no {'/'.join(FILES.values())} in {source!r}")
+        raise FileNotFoundError(f"no {'/'.join(FILES.values())} (or .csv.gz) in {source!r}")
     return found
 
 
