@@ -152,6 +152,27 @@ def test_killed_run_resumes_with_same_losses(tmp_path, data_dir):
         assert b[s] == pytest.approx(a[s], rel=1e-5), s
 
 
+def test_corrupt_newest_checkpoint_is_moved_aside_and_the_run_continues(tmp_path, data_dir):
+    # a constant learning rate: the 8-step and 12-step runs then follow one schedule
+    args = ["--config.eval.num_molecules=0", "--config.optim.schedule=constant", "--config.ckpt.every_steps=4"]
+    run_cli(tmp_path / "ref", data_dir, *args, "--config.train.steps=12")
+    wd = tmp_path / "run"
+    run_cli(wd, data_dir, *args, "--config.train.steps=8")
+    for f in (wd / "checkpoints" / "8").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"garbage")
+    res = run_cli(wd, data_dir, *args, "--config.train.steps=12")
+    assert "checkpoints/8 does not restore" in res.stderr and "resumed from" in res.stderr
+    assert "moved the corrupt checkpoint" in res.stderr
+    names = sorted(p.name for p in (wd / "checkpoints").iterdir())
+    assert [n for n in names if n.isdigit()] == ["12", "4", "8"], names  # step 8 saved again over the gap
+    assert len([n for n in names if n.startswith("8.corrupt-")]) == 1, names
+    a, b = losses(tmp_path / "ref"), losses(wd)
+    assert sorted(b) == list(range(1, 13))
+    for s in range(1, 13):
+        assert b[s] == pytest.approx(a[s], rel=1e-5), s
+
+
 def test_two_processes_match_one_process(tmp_path, data_dir):
     args = [
         "--config.train.steps=20",

@@ -92,8 +92,29 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
         restored = checkpoint.restore_latest(mgr, jax.eval_shape(lambda: state), None)
     assert restored is not None and restored[2] == 1
     np.testing.assert_array_equal(restored[0]["params"]["w"], np.ones(3))
-    assert "does not restore" in caplog.text
-    assert (tmp_path / "checkpoints" / "2").exists()  # left on disk for inspection
+    assert "does not restore" in caplog.text and "moved the corrupt checkpoint" in caplog.text
+    aside = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("2.corrupt-")]
+    assert len(aside) == 1 and not (tmp_path / "checkpoints" / "2").exists()  # kept for inspection
+    assert mgr.all_steps() == [1]
+    checkpoint.save(mgr, 2, {**state, "params": {"w": jnp.full(3, 5.0)}}, None, {"step": 2})  # step 2 again
+    mgr.wait_until_finished()
+    restored = checkpoint.restore_latest(
+        checkpoint.manager(str(tmp_path), _ckpt_cfg()), jax.eval_shape(lambda: state), None
+    )
+    assert restored[2] == 2 and float(restored[0]["params"]["w"][0]) == 5.0
+
+
+def test_no_checkpoint_restores_nothing_is_moved(tmp_path):
+    state = {"step": jnp.int32(0), "params": {"w": jnp.ones(3)}, "opt_state": {}}
+    mgr = checkpoint.manager(str(tmp_path), _ckpt_cfg())
+    checkpoint.save(mgr, 1, state, None, {"step": 1})
+    mgr.wait_until_finished()
+    other = {**state, "params": {"w": jnp.ones(4)}}  # another shape: a mismatch, not corruption
+    assert (
+        checkpoint.restore_latest(checkpoint.manager(str(tmp_path), _ckpt_cfg()), jax.eval_shape(lambda: other), None)
+        is None
+    )
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
 
 
 def test_keep_last_n_and_best(tmp_path):
@@ -121,6 +142,59 @@ def test_nan_guard_names_metric_and_step():
     with pytest.raises(mlog.NonFiniteError, match="'loss' is nan at step 7"):
         mlog.check_finite(7, {"loss": float("nan")})
     mlog.check_finite(8, {"loss": 1.0})
+
+
+@jax.custom_jvp
+def _poisoned(w, bad):
+    """Identity on `w`; its derivative is NaN where `bad` > 0 (a finite loss with a NaN gradient)."""
+    return w
+
+
+@_poisoned.defjvp
+def _poisoned_jvp(primals, tangents):
+    w, bad = primals
+    return w, tangents[0] * jnp.where(bad > 0, jnp.nan, 1.0)
+
+
+def _poisoned_loss(params, batch, rng):
+    w = _poisoned(params["w"], batch["bad"].max())
+    err = (batch["x"] @ w - batch["y"]) ** 2
+    return err.sum(), {"weight": jnp.float32(err.shape[0]), "loss": err.sum()}
+
+
+def test_nan_gradient_with_finite_loss_stops_and_keeps_a_finite_checkpoint(tmp_path):
+    import grain
+    import ml_collections
+
+    from molgen.core import loop
+
+    rng = np.random.default_rng(0)
+    rows = [
+        {"x": rng.normal(size=3).astype(np.float32), "y": np.float32(rng.normal()), "bad": np.float32(i // 8 == 4)}
+        for i in range(8 * 8)
+    ]  # 8 rows a step; only step 5's rows are poisoned
+    data = grain.MapDataset.source(rows).batch(8, drop_remainder=True).to_iter_dataset()
+    config = ml_collections.ConfigDict(
+        dict(
+            train=common.train(steps=8, batch_size=8, log_every=1, eval_every=1000),
+            optim=common.optim(name="sgd", lr=0.05, b1=0.0, schedule="constant", clip_norm=1.0, weight_decay=0.0),
+            ckpt=_ckpt_cfg(every_steps=2, keep=10),
+        )
+    )
+    mlog.setup(str(tmp_path))
+    with pytest.raises(mlog.NonFiniteError, match="'grad_norm' is nan at step 5"):
+        loop.fit(config, str(tmp_path), mesh=distributed.make_mesh(4), params={"w": jnp.ones(3)},
+                 loss_fn=_poisoned_loss, train_data=data)  # fmt: skip
+    assert sorted(r["step"] for r in mlog.read_metrics(str(tmp_path)) if "train/loss" in r) == [1, 2, 3, 4]
+    assert checkpoint.manager(str(tmp_path), _ckpt_cfg()).all_steps() == [2, 4]  # nothing after the NaN
+    w = checkpoint.restore_params(str(tmp_path), {"w": jnp.ones(3)})["w"]  # the newest checkpoint
+    assert np.all(np.isfinite(w)) and not np.allclose(w, 1.0)
+
+
+def test_params_guard_catches_a_non_finite_update_with_finite_loss_and_gradient():
+    with pytest.raises(mlog.NonFiniteError, match="parameters after step 3 are not finite"):
+        mlog.check_finite(3, {"loss": 1.0, "grad_norm": 0.5, "params_finite": 0.0})
+    mlog.check_finite(3, {"loss": 1.0, "grad_norm": 0.5, "params_finite": 1.0})
 
 
 def test_mesh_rejects_bad_device_count():

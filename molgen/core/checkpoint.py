@@ -1,7 +1,7 @@
 """Orbax checkpoints of train state, Grain iterator state and metadata.
 
-Resume policy: the workdir's own checkpoints first (newest that restores; a corrupt
-one is skipped with a warning and left on disk for inspection), then
+Resume policy: the workdir's own checkpoints first (newest that restores; a newer one that
+does not is moved aside to `checkpoints/<step>.corrupt-<time>` and logged), then
 `config.ckpt.init_from` (another run's workdir or checkpoint folder: parameters only,
 fresh optimiser and data), then from scratch.
 Retention: the newest `keep` checkpoints, plus the `keep_best` best by `best_metric`.
@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import time
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 log = logging.getLogger("molgen")
 
@@ -58,20 +60,42 @@ def _restore_step(mgr, step, abstract_state, data_iter):
 
 
 def restore_latest(mgr: ocp.CheckpointManager, abstract_state, data_iter):
-    """(state, meta, step) of the newest checkpoint that restores, or None if there is none."""
+    """(state, meta, step) of the newest checkpoint that restores, or None if there is none.
+
+    A checkpoint that fails while an older one restores is corrupt (a killed save, a damaged
+    disk): it is moved aside to `<step>.corrupt-<time>` and logged, so the resumed run can save
+    that step again. When none restores (e.g. another device count), nothing is moved.
+    """
+    failed = []
     for step in sorted(mgr.all_steps(), reverse=True):
         try:
             state, meta = _restore_step(mgr, step, abstract_state, data_iter)
-            return state, meta, step
         except Exception as e:  # a corrupt or partial checkpoint: fall back to the previous one
             log.warning(
                 "checkpoint %s/%d does not restore (%s: %s); falling back to the previous one",
                 mgr.directory,
                 step,
                 type(e).__name__,
-                str(e).splitlines()[0][:300],
+                str(e).splitlines()[0][:300] if str(e) else "",
             )
+            failed.append(step)
+            continue
+        if failed:
+            _move_aside(mgr, failed)
+        return state, meta, step
     return None
+
+
+def _move_aside(mgr: ocp.CheckpointManager, steps: list[int]) -> None:
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    if jax.process_index() == 0:
+        for step in steps:
+            src = pathlib.Path(mgr.directory) / str(step)
+            dst = src.with_name(f"{step}.corrupt-{stamp}")
+            src.rename(dst)
+            log.warning("moved the corrupt checkpoint %s aside to %s", src, dst.name)
+    multihost_utils.sync_global_devices("molgen_ckpt_move_aside")
+    mgr.reload()
 
 
 def restore_params(path: str, abstract_params):

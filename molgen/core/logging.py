@@ -96,12 +96,18 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def check_finite(step: int, metrics: dict, keys=("loss",)) -> None:
+def check_finite(step: int, metrics: dict, keys=("loss", "grad_norm")) -> None:
+    """Raise NonFiniteError naming the step if a metric in `keys` is NaN/Inf, or if the step's
+    updated parameters are not finite (`params_finite` == 0, set by core.step)."""
     for k in keys:
         if k in metrics and not math.isfinite(float(metrics[k])):
             raise NonFiniteError(
                 f"metric {k!r} is {float(metrics[k])} at step {step}; stopping (the last good checkpoint is kept)"
             )
+    if "params_finite" in metrics and float(metrics["params_finite"]) != 1.0:
+        raise NonFiniteError(
+            f"the parameters after step {step} are not finite; stopping (the last good checkpoint is kept)"
+        )
 
 
 class Progress:

@@ -14,6 +14,10 @@ fourth argument `ctrl` (e.g. this step's DPO beta, or frozen reference parameter
 returned as global arrays sharded over "data", e.g. per-pair margins) and `aux["state"]`
 (values already equal on every device, returned as they are, e.g. an EMA computed from
 all-gathered margins).
+
+Every step reports `grad_norm` and `params_finite` (1.0 when every updated parameter is finite)
+beside the loss, so the host's NaN guard (`logging.check_finite`) sees a NaN gradient or a
+non-finite update even when the loss is finite.
 """
 
 from __future__ import annotations
@@ -50,6 +54,12 @@ def _global_mean(aux):
     return out
 
 
+def all_finite(tree) -> jax.Array:
+    """1.0 if every leaf of `tree` is finite, else 0.0 (a float, so it travels with the metrics)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)).astype(jnp.float32) if leaves else jnp.float32(1.0)
+
+
 def make_train_step(loss_fn: Callable, mesh, *, extra_metrics: Callable | None = None, with_ctrl: bool = False):
     """jit(shard_map(step)) with donated state: (state, batch, rng) -> (state, metrics), or with
     `with_ctrl` (state, batch, rng, ctrl) -> (state, metrics, rows, ctrl_state)."""
@@ -70,6 +80,7 @@ def make_train_step(loss_fn: Callable, mesh, *, extra_metrics: Callable | None =
         rows, ctrl_state = aux.pop("rows", {}), aux.pop("state", {})
         metrics = _global_mean(aux)
         metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["params_finite"] = all_finite(params)
         if extra_metrics is not None:
             metrics.update(extra_metrics(state, grads))
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
