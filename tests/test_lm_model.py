@@ -228,6 +228,35 @@ def test_hf_checkpoint_folder_roundtrip_loads_in_transformers(tmp_path):
         convert.load_hf_dir(str(tmp_path))
 
 
+def test_molgen2hf_refuses_an_aligned_position_run_unless_allowed(tmp_path, capsys, root):
+    """A run with the config.json molgen.main records for experiments/lm_tiny.py (data.positions
+    "aligned") is refused by the real CLI, naming the run and the reason; --allow_position_mismatch
+    converts it with a warning; a folder that records no position mode is converted with a note."""
+    import json
+    import subprocess
+    import sys
+
+    from experiments import lm_tiny
+
+    params = jax.device_get(_init(TINY))
+    convert.save_hf_dir(params, TINY, str(tmp_path / "hf"))
+    run, out = tmp_path / "run", tmp_path / "out"
+    convert.main(["hf2molgen", f"--src={tmp_path / 'hf'}", f"--dst={run}"])
+    (run / "config.json").write_text(json.dumps(lm_tiny.get_config().to_dict(), default=str))
+    cmd = [sys.executable, "-m", "molgen.lm.convert", "molgen2hf", f"--src={run}", f"--dst={out}"]
+    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and not out.exists()
+    assert f"{run} was trained with data.positions='aligned'" in r.stderr
+    assert "--allow_position_mismatch" in r.stderr and "Traceback" not in r.stderr
+    convert.main(["molgen2hf", "--src", str(run), "--dst", str(out), "--allow_position_mismatch"])  # --flag value
+    assert "warning:" in capsys.readouterr().err
+    back = convert.hf_to_params(convert.load_hf_dir(str(out))[1], TINY)
+    assert jax.tree.all(jax.tree.map(np.array_equal, back, params))
+    (run / "config.json").unlink()  # as hf2molgen leaves it: no recorded positions; a step folder as the source
+    convert.main(["molgen2hf", f"--src={run / 'checkpoints' / '0'}", f"--dst={tmp_path / 'out2'}"])
+    assert "records no position mode" in capsys.readouterr().err and (tmp_path / "out2" / "model.safetensors").exists()
+
+
 def test_grammar_constrained_sampling_writes_only_well_formed_coordinate_blocks():
     """A random model at T=1 writes broken blocks; with the grammar every block parses."""
     import re

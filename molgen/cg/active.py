@@ -34,7 +34,6 @@ the exploration trajectories are kept in `out/explore_<T>.npz`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -43,6 +42,7 @@ import time
 
 import h5py
 import numpy as np
+from absl import app, flags
 
 from molgen.cg import analysis, data, export, md, mdcath, simulate, train
 
@@ -166,22 +166,38 @@ def run_round(model_workdir: str, out: str, temperatures=(320, 348), steps: int 
     return report
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model_workdir", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--temperatures", default="320,348")
-    ap.add_argument("--steps", type=int, default=20_000)
-    ap.add_argument("--configs", type=int, default=24)
-    ap.add_argument("--samples", type=int, default=16)
-    ap.add_argument("--equilibration_steps", type=int, default=2000, help="fixed-CA MD steps (1 fs) before sampling")
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args(argv)
+def _flags(fv):
+    """This CLI's flags, defined on `fv` when it runs (not at import: other modules share names such as --out)."""
+    flags.DEFINE_string("model_workdir", None, "the trained CG workdir to explore with", required=True, flag_values=fv)
+    flags.DEFINE_string("out", None, "folder of the new all-atom frames (mdCATH format)", required=True, flag_values=fv)
+    flags.DEFINE_list("temperatures", ["320", "348"], "exploration temperatures (K)", flag_values=fv)
+    flags.register_validator("temperatures", lambda v: all(t.isdigit() for t in v), "needs whole K", flag_values=fv)
+    flags.DEFINE_integer("steps", 20_000, "CG MD steps (2 fs) per temperature", flag_values=fv)
+    flags.DEFINE_integer("configs", 24, "configurations picked per temperature", flag_values=fv)
+    flags.DEFINE_integer("samples", 16, "all-atom frames per configuration", flag_values=fv)
+    flags.DEFINE_integer("equilibration_steps", 2000, "fixed-CA MD steps (1 fs) before sampling", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "random seed", flag_values=fv)
+    return fv
+
+
+def _cli(a, argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)  # absl set one up
-    temps = [int(t) for t in a.temperatures.split(",")]
-    run_round(a.model_workdir, a.out, temps, a.steps, configs=a.configs, samples=a.samples,
-              equilibration_steps=a.equilibration_steps, seed=a.seed)  # fmt: skip
+    temps = [int(t) for t in a.temperatures]
+    try:
+        run_round(a.model_workdir, a.out, temps, a.steps, configs=a.configs, samples=a.samples,
+                  equilibration_steps=a.equilibration_steps, seed=a.seed)  # fmt: skip
+    except FileNotFoundError as e:  # e.g. not a finished CG run: one line, not a traceback
+        raise SystemExit(f"molgen.cg.active: {e}") from None
+
+
+def main(argv):
+    """The CLI in this process: main(["--model_workdir=X", "--out=Y"]), with its own flag set."""
+    fv = _flags(flags.FlagValues())
+    _cli(fv, fv(["molgen.cg.active", *argv]))
 
 
 if __name__ == "__main__":
-    main()
+    _flags(flags.FLAGS)
+    app.run(lambda argv: _cli(flags.FLAGS, argv))

@@ -31,6 +31,8 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
+from absl import logging as absl_logging
 
 FORMAT = "molgen-cg-export-v1"
 TOPOLOGY_KEYS = ("bonds", "angles", "dihedrals", "repulsive", "excluded", "excluded_sep")
@@ -260,17 +262,30 @@ def load(folder: str, species_map: dict | None = None):
     return exp.call, meta
 
 
-def main(argv=None):
-    import argparse
+def _flags(fv):
+    """This CLI's flags, defined on `fv` when it runs (not at import: molgen.main defines --workdir too)."""
+    flags.DEFINE_string("workdir", None, "a finished CG training workdir", required=True, flag_values=fv)
+    flags.DEFINE_string("out", None, "artifact folder (default: <workdir>/export)", flag_values=fv)
+    flags.DEFINE_list("platforms", ["cpu", "cuda"], "platforms to export for", flag_values=fv)
+    return fv
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--platforms", default="cpu,cuda")
-    args = ap.parse_args(argv)
-    out = write(args.workdir, args.out, tuple(args.platforms.split(",")))
-    print(out)
+
+def _cli(a, argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # app.run sets INFO: orbax chatter (as molgen.main)
+    try:
+        print(write(a.workdir, a.out, tuple(a.platforms)))
+    except FileNotFoundError as e:  # not a finished CG run: one line, not a traceback
+        raise SystemExit(f"molgen.cg.export: {e}") from None
+
+
+def main(argv):
+    """The CLI in this process: main(["--workdir=X"]), with its own flag set."""
+    fv = _flags(flags.FlagValues())
+    _cli(fv, fv(["molgen.cg.export", *argv]))
 
 
 if __name__ == "__main__":
-    main()
+    _flags(flags.FLAGS)
+    app.run(lambda argv: _cli(flags.FLAGS, argv))

@@ -28,6 +28,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
+from absl import logging as absl_logging
 from jax_md import partition, simulate, space
 
 from molgen.cg import export, lammps, neighbors, priors, train
@@ -187,17 +189,32 @@ def nve_check(workdir: str, steps: int = 10000, dt: float = 2.0, record_every: i
     return out
 
 
-def main(argv=None):
-    import argparse
+def _flags(fv):
+    """This CLI's flags, defined on `fv` when it runs (not at import: molgen.main defines --workdir too)."""
+    flags.DEFINE_string("workdir", None, "a trained CG workdir (writes nve_check.json)", required=True, flag_values=fv)
+    flags.DEFINE_integer("steps", 10000, "NVE steps", flag_values=fv)
+    flags.DEFINE_float("dt", 2.0, "time step (fs)", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "velocity seed", flag_values=fv)
+    return fv
 
-    ap = argparse.ArgumentParser(description="jax-md NVE screen of a trained CG workdir (writes nve_check.json)")
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("--steps", type=int, default=10000)
-    ap.add_argument("--dt", type=float, default=2.0)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    print(json.dumps(nve_check(args.workdir, args.steps, args.dt, seed=args.seed), indent=2))
+
+def _cli(a, argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # app.run sets INFO: orbax chatter (as molgen.main)
+    try:
+        out = nve_check(a.workdir, a.steps, a.dt, seed=a.seed)
+    except FileNotFoundError as e:  # not a finished CG run: one line, not a traceback
+        raise SystemExit(f"molgen.cg.md: {e}") from None
+    print(json.dumps(out, indent=2))
+
+
+def main(argv):
+    """The CLI in this process: main(["--workdir=X", "--steps=200"]), with its own flag set."""
+    fv = _flags(flags.FlagValues())
+    _cli(fv, fv(["molgen.cg.md", *argv]))
 
 
 if __name__ == "__main__":
-    main()
+    _flags(flags.FLAGS)
+    app.run(lambda argv: _cli(flags.FLAGS, argv))

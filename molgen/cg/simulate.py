@@ -18,7 +18,6 @@ again with the same arguments continues where it stopped.
 
 from __future__ import annotations
 
-import argparse
 import io
 import logging
 import os
@@ -26,6 +25,7 @@ import time
 import zlib
 
 import numpy as np
+from absl import app, flags
 
 from molgen.cg import mdcath
 
@@ -338,22 +338,41 @@ def _done_runs(path, domain):
         return {(int(t), int(r)) for t in g.keys() if t.isdigit() for r in g[t].keys()}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--pdb", default=None, help="input PDB (default: villin HP36 from pdbfixer)")
-    ap.add_argument("--domain", default="villin")
-    ap.add_argument("--temperatures", default="320,348")
-    ap.add_argument("--replicas", type=int, default=2)
-    ap.add_argument("--frames", type=int, default=200)
-    ap.add_argument("--steps_per_frame", type=int, default=50)
-    ap.add_argument("--equilibration_steps", type=int, default=500)
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    temps = [int(t) for t in a.temperatures.split(",")]
-    produce(a.out, a.pdb, a.domain, temps, a.replicas, a.frames, a.steps_per_frame, a.equilibration_steps, seed=a.seed)
+def _flags(fv):
+    """This CLI's flags, defined on `fv` when it runs (not at import: other modules share names such as --out)."""
+    flags.DEFINE_string("out", None, "mdCATH-format HDF5 file to write (or resume)", required=True, flag_values=fv)
+    if "pdb" in fv:  # absl.app's alias of --pdb_post_mortem; here --pdb is the input structure
+        delattr(fv, "pdb")
+    flags.DEFINE_string("pdb", None, "input PDB (default: villin HP36 from pdbfixer)", flag_values=fv)
+    flags.DEFINE_string("domain", "villin", "domain name in the file", flag_values=fv)
+    flags.DEFINE_list("temperatures", ["320", "348"], "temperatures (K)", flag_values=fv)
+    flags.register_validator("temperatures", lambda v: all(t.isdigit() for t in v), "needs whole K", flag_values=fv)
+    flags.DEFINE_integer("replicas", 2, "runs per temperature", flag_values=fv)
+    flags.DEFINE_integer("frames", 200, "frames per run", flag_values=fv)
+    flags.DEFINE_integer("steps_per_frame", 50, "4 fs steps between frames", flag_values=fv)
+    flags.DEFINE_integer("equilibration_steps", 500, "steps before the first frame", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "random seed", flag_values=fv)
+    return fv
+
+
+def _cli(a, argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)  # absl set one up
+    temps = [int(t) for t in a.temperatures]
+    try:
+        produce(a.out, a.pdb, a.domain, temps, a.replicas, a.frames, a.steps_per_frame, a.equilibration_steps,
+                seed=a.seed)  # fmt: skip
+    except FileNotFoundError as e:  # e.g. a missing --pdb: one line, not a traceback
+        raise SystemExit(f"molgen.cg.simulate: {e}") from None
+
+
+def main(argv):
+    """The CLI in this process: main(["--out=x.h5", "--frames=10"]), with its own flag set."""
+    fv = _flags(flags.FlagValues())
+    _cli(fv, fv(["molgen.cg.simulate", *argv]))
 
 
 if __name__ == "__main__":
-    main()
+    _flags(flags.FLAGS)
+    app.run(lambda argv: _cli(flags.FLAGS, argv))

@@ -1,10 +1,19 @@
-"""From decoder outputs to crystals and CIF files (host side)."""
+"""From decoder outputs to crystals and CIF files (host side), and the sampling CLI:
+
+    python -m molgen.crystal.sample --workdir=runs/crystal_ldm_perov --out=runs/samples [--n=500]
+        [--steps=50 --eta=0 --guidance=2] [--property=3.0] [--composition=Sr1Ti1O3] [--metrics]
+
+samples crystals from a trained LDM, writes CIFs, and (with --metrics) the metrics JSON against
+the LDM's training and test sets.
+"""
 
 from __future__ import annotations
 
 import os
 
 import numpy as np
+from absl import app, flags
+from absl import logging as absl_logging
 
 from molgen.chem import crystal as xtal
 
@@ -43,12 +52,23 @@ def write_cifs(crystals, folder: str, prefix: str = "sample") -> list[str]:
     return paths
 
 
-def main(argv=None):
-    """python -m molgen.crystal.sample --workdir=runs/crystal_ldm_perov --out=runs/samples [--n=500]
-    [--steps=50 --eta=0 --guidance=2] [--band_gap=3.0 | --property=3.0] [--composition=SrTiO3]
-    [--metrics]: sample crystals from a trained LDM, write CIFs, and (with --metrics) the
-    metrics JSON against the LDM's training and test sets."""
-    import argparse
+def _flags(fv):
+    """This CLI's flags, defined on `fv` when it runs (not at import: molgen.main defines --workdir too)."""
+    flags.DEFINE_string("workdir", None, "a finished experiments/crystal_ldm_*.py run", required=True, flag_values=fv)
+    flags.DEFINE_string("out", None, "folder for the CIFs and samples.json", required=True, flag_values=fv)
+    flags.DEFINE_integer("n", 100, "crystals to sample", flag_values=fv)
+    flags.DEFINE_integer("batch", 500, "crystals per sampling batch", flag_values=fv)
+    flags.DEFINE_integer("steps", 50, "DDIM steps", flag_values=fv)
+    flags.DEFINE_float("eta", 0.0, "DDIM eta (0: deterministic)", flag_values=fv)
+    flags.DEFINE_float("guidance", 2.0, "classifier-free guidance scale", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "random seed", flag_values=fv)
+    flags.DEFINE_float("property", None, "target of the model's conditioning property", flag_values=fv)
+    flags.DEFINE_string("composition", "", "a formula with explicit counts, e.g. Sr1Ti1O3", flag_values=fv)
+    flags.DEFINE_bool("metrics", False, "also score the samples (CHGNet hull if installed)", flag_values=fv)
+    return fv
+
+
+def _cli(args, argv):
     import json
     import types
 
@@ -58,20 +78,13 @@ def main(argv=None):
     from configs.crystal import DATA_DIR
     from molgen.crystal import diffusion, metrics, train
 
-    ap = argparse.ArgumentParser(description="sample crystals from a trained crystal LDM")
-    ap.add_argument("--workdir", required=True, help="a finished experiments/crystal_ldm_*.py run")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--n", type=int, default=100)
-    ap.add_argument("--batch", type=int, default=500)
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--eta", type=float, default=0.0)
-    ap.add_argument("--guidance", type=float, default=2.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--property", type=float, default=None, help="target of the model's conditioning property")
-    ap.add_argument("--composition", default="", help="a formula with explicit counts, e.g. Sr1Ti1O3")
-    ap.add_argument("--metrics", action="store_true", help="also score the samples (CHGNet hull if installed)")
-    args = ap.parse_args(argv)
-    sampler, info = train.load_ldm(args.workdir)
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # app.run sets INFO: orbax chatter (as molgen.main)
+    try:
+        sampler, info = train.load_ldm(args.workdir)
+    except FileNotFoundError as e:  # not a finished LDM run: one line, not a traceback
+        raise SystemExit(f"molgen.crystal.sample: {e}") from None
     cond, atoms = {}, 0
     if args.property is not None:
         if not info["cond"]["property"]:
@@ -103,5 +116,12 @@ def main(argv=None):
     print(json.dumps(result, indent=2))
 
 
+def main(argv):
+    """The CLI in this process: main(["--workdir=X", "--out=Y", "--n=3"]), with its own flag set."""
+    fv = _flags(flags.FlagValues())
+    _cli(fv, fv(["molgen.crystal.sample", *argv]))
+
+
 if __name__ == "__main__":
-    main()
+    _flags(flags.FLAGS)
+    app.run(lambda argv: _cli(flags.FLAGS, argv))

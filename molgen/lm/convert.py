@@ -1,12 +1,14 @@
 """Hugging Face Qwen3 checkpoints (local folder, safetensors) <-> molgen parameters.
 
     python -m molgen.lm.convert hf2molgen --src=/path/Qwen3-0.6B --dst=runs/qwen3_init
-    python -m molgen.lm.convert molgen2hf --src=runs/x --dst=/path/export
+    python -m molgen.lm.convert molgen2hf --src=runs/x --dst=/path/export [--allow_position_mismatch]
 
 `hf2molgen` writes an Orbax checkpoint that `config.ckpt.init_from` accepts, plus the
 model config as JSON. Decision: released Qwen3 weights use Qwen3's BPE vocabulary
 (151936), not molgen's chemistry tokenizer; the converter copies embeddings as they
 are, so a user starting from released weights sets `model.vocab_size` to match.
+`molgen2hf` refuses a run trained with aligned positions (`data.positions`): Hugging Face
+uses sequential positions, under which such a model does not sample correctly.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import sys
 
 import numpy as np
+from absl import app, flags
+from absl import logging as absl_logging
 
 from molgen.lm.model import Qwen3Config
 
@@ -138,38 +143,97 @@ def save_hf_dir(params, cfg: Qwen3Config, path: str) -> None:
     (root / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2))
 
 
-def main(argv=None):
-    import argparse  # a two-flag utility, not an experiment: no config system needed
-
-    import jax
+def hf2molgen(src: str, dst: str) -> pathlib.Path:
+    """A local Hugging Face Qwen3 folder -> an Orbax checkpoint (`dst/checkpoints/0`) and `model_config.json`."""
     import orbax.checkpoint as ocp
+
+    dst = pathlib.Path(dst).absolute()
+    hf_cfg, tensors = load_hf_dir(src)
+    cfg = config_from_hf(hf_cfg)
+    with ocp.StandardCheckpointer() as ck:
+        ck.save(dst / "checkpoints" / "0" / "state", {"params": hf_to_params(tensors, cfg)})
+    (dst / "model_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    return dst
+
+
+def recorded_positions(run: pathlib.Path) -> str | None:
+    """The RoPE position mode a molgen LM run trained with: `policy.json` (post-training runs), else
+    `config.json`'s data.positions; None when the run records neither (e.g. an hf2molgen folder)."""
+    if (run / "policy.json").exists():
+        return json.loads((run / "policy.json").read_text()).get("positions")
+    if (run / "config.json").exists():
+        return json.loads((run / "config.json").read_text()).get("data", {}).get("positions")
+    return None
+
+
+def molgen2hf(src: str, dst: str, allow_position_mismatch: bool = False) -> pathlib.Path:
+    """A molgen LM run (workdir, or one of its checkpoint folders) -> a Hugging Face folder.
+
+    Hugging Face runs Qwen3 with sequential positions 0..n-1; a run trained with other positions
+    (data.positions="aligned") would not sample there as it does in molgen, so it is refused
+    (ValueError) unless `allow_position_mismatch`, which converts with a warning."""
+    import jax
 
     from molgen.core import checkpoint
     from molgen.lm.model import Qwen3
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("direction", choices=["hf2molgen", "molgen2hf"])
-    ap.add_argument("--src", required=True)
-    ap.add_argument("--dst", required=True)
-    a = ap.parse_args(argv)
-    dst = pathlib.Path(a.dst).absolute()
-    if a.direction == "hf2molgen":
-        hf_cfg, tensors = load_hf_dir(a.src)
-        cfg = config_from_hf(hf_cfg)
-        params = hf_to_params(tensors, cfg)
-        with ocp.StandardCheckpointer() as ck:
-            ck.save(dst / "checkpoints" / "0" / "state", {"params": params})
-        (dst / "model_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    else:
-        cfg = Qwen3Config(**json.loads((pathlib.Path(a.src) / "model_config.json").read_text()))
-        model = Qwen3(cfg)
-        tok = jax.numpy.zeros((1, 1), jax.numpy.int32)
-        abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), tok, tok, jax.numpy.ones((1, 1, 1), bool)))[
-            "params"
-        ]
-        save_hf_dir(checkpoint.restore_params(a.src, abstract), cfg, str(dst))
-    print(f"wrote {dst}")
+    p = pathlib.Path(src).absolute()
+    run = next((d for d in (p, *list(p.parents)[:2]) if (d / "model_config.json").exists()), None)
+    if run is None:
+        raise FileNotFoundError(f"{p / 'model_config.json'} not found: {src!r} is not a molgen LM run")
+    mode = recorded_positions(run)
+    if mode is None:
+        print(
+            f"note: {run} records no position mode (no policy.json, no data.positions in config.json); "
+            "converting it as a sequential-position model",
+            file=sys.stderr,
+        )
+    elif mode != "sequential":
+        why = (
+            f"{run} was trained with data.positions={mode!r}, but Hugging Face uses sequential positions, "
+            "under which this model does not sample correctly"
+        )
+        if not allow_position_mismatch:
+            raise ValueError(f"refusing to convert: {why}; pass --allow_position_mismatch to convert anyway")
+        print(f"warning: {why}; converting anyway (--allow_position_mismatch)", file=sys.stderr)
+    cfg = Qwen3Config(**json.loads((run / "model_config.json").read_text()))
+    tok = jax.numpy.zeros((1, 1), jax.numpy.int32)
+    mask = jax.numpy.ones((1, 1, 1), bool)
+    abstract = jax.eval_shape(lambda: Qwen3(cfg).init(jax.random.key(0), tok, tok, mask))["params"]
+    dst = pathlib.Path(dst).absolute()
+    save_hf_dir(checkpoint.restore_params(str(p), abstract), cfg, str(dst))
+    return dst
+
+
+def _flags(fv):
+    """This CLI's flags, defined on `fv` when it runs (not at import: molgen.main and others define flags)."""
+    flags.DEFINE_string("src", None, "HF folder (hf2molgen) or molgen run (molgen2hf)", required=True, flag_values=fv)
+    flags.DEFINE_string("dst", None, "destination folder", required=True, flag_values=fv)
+    why = "molgen2hf: convert a run trained with aligned positions anyway, with a warning"
+    flags.DEFINE_bool("allow_position_mismatch", False, why, flag_values=fv)
+    return fv
+
+
+def _cli(a, argv):
+    if len(argv) != 2 or argv[1] not in ("hf2molgen", "molgen2hf"):
+        raise app.UsageError(f"expected one subcommand, hf2molgen or molgen2hf; got {argv[1:]}")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # app.run sets INFO: orbax chatter (as molgen.main)
+    try:
+        if argv[1] == "hf2molgen":
+            out = hf2molgen(a.src, a.dst)
+        else:
+            out = molgen2hf(a.src, a.dst, a.allow_position_mismatch)
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(f"{argv[1]}: {e}")
+    print(f"wrote {out}")
+
+
+def main(argv):
+    """The CLI in this process: main(["molgen2hf", "--src=runs/x", "--dst=out"]), with its own flag set."""
+    fv = _flags(flags.FlagValues())
+    _cli(fv, fv(["molgen.lm.convert", *argv]))
 
 
 if __name__ == "__main__":
-    main()
+    _flags(flags.FLAGS)
+    app.run(lambda argv: _cli(flags.FLAGS, argv))

@@ -150,8 +150,10 @@ def sample_texts(
     greedy: bool = False,
     pos_mode: str = "sequential",
     grammar: bool = False,
+    on_batch=None,
 ) -> list[str]:
-    """Prompt + completion text for every prompt, generated in batches of `batch_size`."""
+    """Prompt + completion text for every prompt, generated in batches of `batch_size`;
+    `on_batch(done, total)` is called after each batch (progress reporting)."""
     ids = [tokenizer.encode(p) for p in prompts]
     texts = []
     for start in range(0, len(ids), batch_size):
@@ -179,4 +181,6 @@ def sample_texts(
         out = np.asarray(out)
         for i in range(n):
             texts.append(prompts[start + i] + tokenizer.decode(out[i]))
+        if on_batch is not None:
+            on_batch(len(texts), len(ids))
     return texts

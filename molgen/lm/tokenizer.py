@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 
-from molgen.chem.enriched import CONF_END, CONF_TAG, SMILES_END, SMILES_TAG, smiles_tokens
+from molgen.chem.enriched import CONF_END, CONF_TAG, SMILES_END, SMILES_TAG, is_atom_token, smiles_tokens
 
 PAD, EOT = "<pad>", "<eot>"
 SPECIALS = (PAD, EOT, SMILES_TAG, SMILES_END, CONF_TAG, CONF_END)
@@ -102,6 +102,19 @@ def encode(text: str) -> np.ndarray:
         return np.asarray([idx[t] for t in _strings(text)], np.int32)
     except KeyError as e:
         raise ValueError(f"character {e.args[0]!r} has no token (text {text[:60]!r})") from None
+
+
+def missing_atom_tokens(smiles: str) -> list[str]:
+    """Atoms of a SMILES (or enriched string) whose bracketed form, as the conformer writes it, has
+    no single token (e.g. `[Sn]`, `[Na+]`, isotopes): the model could only spell them character by
+    character, which it never saw."""
+    idx, out = _index(), set()
+    for t in smiles_tokens(re.sub(r"<[^>]*>", "", smiles)):
+        if is_atom_token(t) and t not in SPECIALS:
+            atom = t if t.startswith("[") else f"[{t}]"
+            if atom not in idx:
+                out.add(atom)
+    return sorted(out)
 
 
 def decode(ids) -> str:
