@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 
 import cg_run
 import jax.numpy as jnp
@@ -100,9 +101,21 @@ def test_lammps_receives_the_model_forces_with_reordered_atoms(artifact, trained
         assert np.abs(fl - fj).max() <= 1e-4 * np.abs(fj).max()
 
 
-def test_lammps_nve_conserves_energy_and_writes_its_files(artifact, tmp_path):
+def test_lammps_nve_conserves_energy_and_writes_its_files(artifact, tmp_path, monkeypatch):
+    seconds = []  # every model evaluation, timed independently of lammps.run's own clock
+    model_call = lammps.ForceField.__call__
+
+    def timed(self, positions):
+        t = time.perf_counter()
+        out = model_call(self, positions)
+        seconds.append(time.perf_counter() - t)
+        return out
+
+    monkeypatch.setattr(lammps.ForceField, "__call__", timed)
+    t0 = time.perf_counter()
     run = lammps.run(artifact, tmp_path, ensemble="nve", temperature=300.0, dt=1.0, steps=300, thermo_every=10,
                      chunk=100, dump_every=100)  # fmt: skip
+    outside = time.perf_counter() - t0
     e = np.asarray([r["etotal"] for r in run["thermo"]])
     ke = np.asarray([r["ke"] for r in run["thermo"]])
     assert len(e) == 31 and np.isfinite(e).all()
@@ -110,7 +123,14 @@ def test_lammps_nve_conserves_energy_and_writes_its_files(artifact, tmp_path):
     for name in ("in.lammps", "log.lammps", "system.data", "traj.lammpstrj", "run.json"):
         assert (tmp_path / name).exists(), name
     assert "run 300" in (tmp_path / "in.lammps").read_text()
-    assert 0 < run["callback_share"] <= 1
+    # against our own clock: the callback time is the 300 steps' model calls (not the setup's
+    # call, which compiles: seconds, against ~2 ms a step) plus a little bookkeeping each, and
+    # the timed window (wall_s) holds them but not the setup
+    assert len(seconds) == 1 + 300  # the setup's force evaluation, then one per step
+    steps = sum(seconds[1:])
+    assert steps <= run["callback_s"] <= steps + 1e-3 * 300
+    assert run["callback_s"] <= run["wall_s"] <= outside - seconds[0]
+    assert run["callback_share"] == pytest.approx(run["callback_s"] / run["wall_s"])
 
 
 def test_bad_artifacts_and_data_files_give_clear_errors(artifact, tmp_path):

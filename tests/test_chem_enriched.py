@@ -97,9 +97,19 @@ def test_decode_errors_name_the_problem():
 
 
 def test_tokenizer_roundtrips_arbitrary_ascii():
-    for text in ["<1.2,3>", "[SMILES]Xx?[/SMILES]", "<-100.5,2.33333,4.1>", "%12C1", "<1,2,3>", ""]:
-        assert T.decode(T.encode(text)) == text
-    assert T.grammar_accepts(T.encode(text))  # constrained decoding never forbids a real unit
+    # text the grammar must accept: coordinate triples encode produces, and text with no block
+    accepted = ["[SMILES]Xx?[/SMILES]", "%12C1", "<1,2,3>", "<1.2,3,4.5>", "[C]<-2.7704,1.211,0.3>", ""]
+    # not coordinate triples (two coordinates; -100 and 5 decimals are out of range): they fall
+    # back to character tokens, and the bare `<` that opens them is forbidden at once
+    rejected = ["<1.2,3>", "<-100.5,2.33333,4.1>"]
+    for text in accepted + rejected:
+        assert T.decode(T.encode(text)) == text, text
+    for text in accepted:
+        assert T.grammar_accepts(T.encode(text)), text  # constrained decoding never forbids a real unit
+    for text in rejected:
+        assert T.vocab()[T.encode(text)[0]] == "<", text
+        assert T.grammar_violation(T.encode(text)) == (0, 0), text
+        assert not T.grammar_accepts(T.encode(text)), text
     with pytest.raises(ValueError, match="no token"):
         T.encode("Cé")
 

@@ -200,6 +200,122 @@ def test_validity_and_matching():
     np.testing.assert_allclose(xtal.density(c), 2.16, rtol=0.02)
 
 
+def _fcc(a: float, frac, species) -> xtal.Crystal:
+    lat = 0.5 * a * np.asarray([[0, 1, 1], [1, 0, 1], [1, 1, 0]], float)
+    return xtal.Crystal(lat, np.asarray(frac, float), np.asarray(species))
+
+
+def _cscl_nacl(a: float = 3.3, shift=0.0) -> xtal.Crystal:
+    """NaCl in the CsCl structure (simple cubic, Na-Cl 2.86 Å): another NaCl polymorph."""
+    return xtal.Crystal(a * np.eye(3), np.mod(np.asarray([[0, 0, 0], [0.5, 0.5, 0.5]]) + shift, 1.0),
+                        np.asarray([11, 17]))  # fmt: skip
+
+
+class _EchoVAE:
+    """A stand-in for CrystalVAE in `train.reconstruct`: encode passes the input through and
+    decode returns it in the decoder's output format, edited per batch row by `params`
+    (added to the atomic numbers and to the fractional coordinates)."""
+
+    def apply(self, variables, *args, method):
+        return method(variables["params"], *args)
+
+    def encode(self, p, species, frac, lattice, mask):
+        return (species, frac, lattice), None
+
+    def decode(self, p, z, mask):
+        species, frac, lattice = z
+        n = jnp.maximum(mask.sum(-1), 1).astype(jnp.float32)
+        lengths = jnp.linalg.norm(lattice, axis=-1)
+
+        def angle(i, j):
+            cos = jnp.sum(lattice[:, i] * lattice[:, j], -1) / (lengths[:, i] * lengths[:, j])
+            return jnp.arccos(jnp.clip(cos, -1.0, 1.0))
+
+        return {
+            "species_logits": jax.nn.one_hot(species + p["species"] - 1, 100),
+            "frac": frac + p["frac"][:, None, :],
+            "lengths": lengths / jnp.cbrt(n)[:, None],
+            "angles": jnp.stack([angle(1, 2), angle(0, 2), angle(0, 1)], -1),
+        }
+
+
+def test_reconstruct_match_rate_on_hand_made_decodings():
+    """Three crystals through `reconstruct` with a decoder that returns its input: NaCl copied
+    exactly and CaF2 translated by (0.37, 0.11, 0.5) match (RMS 0); NaCl with Na decoded as K
+    does not match (species accuracy 1/2 on it). The batch of 4 has one padding row (a copy of
+    row 0, edited so that it would not match): it must not count."""
+    from molgen.crystal import train as xtrain
+
+    caf2 = _fcc(5.463, [[0, 0, 0], [0.25, 0.25, 0.25], [0.75, 0.75, 0.75]], [20, 9, 9])
+    cs, n_max = [nacl(), caf2, nacl()], 3
+    mask = np.asarray([[j < len(c.species) for j in range(n_max)] for c in cs])
+    frac, species = np.zeros((3, n_max, 3), np.float32), np.zeros((3, n_max), np.int32)
+    for i, c in enumerate(cs):
+        frac[i, : len(c.species)], species[i, : len(c.species)] = c.frac, c.species
+    lattice = np.stack([c.lattice for c in cs]).astype(np.float32)
+    split = {"lattice": lattice, "frac": frac, "species": species, "mask": mask,
+             "params": np.zeros((3, 6), np.float32), "properties": np.zeros((3, 1), np.float32)}  # fmt: skip
+    edits = {"species": np.zeros((4, n_max), np.int32), "frac": np.zeros((4, 3), np.float32)}
+    edits["frac"][1] = [0.37, 0.11, 0.5]
+    edits["species"][2, 0] = edits["species"][3, 0] = 19 - 11  # Na -> K
+    rec = xtrain.reconstruct(_EchoVAE(), edits, split, batch=4)
+    assert rec["n"] == 3 and rec["match_rate"] == pytest.approx(2 / 3)
+    assert rec["rmse"] == pytest.approx(0.0, abs=1e-4)
+    assert rec["species_acc"] == pytest.approx((1 + 1 + 0.5) / 3)
+    first = xtrain.reconstruct(_EchoVAE(), edits, split, limit=2, batch=4)  # rows 2 and 3 are padding here
+    assert first["n"] == 2 and first["match_rate"] == 1.0 and first["species_acc"] == 1.0
+
+
+class _FakeCHGNet:
+    """CHGNet's `predict_structure` with hand-set energies per atom: 0 for every element, and by
+    (reduced formula, volume per atom rounded to Å^3) for compounds (KeyError otherwise, which
+    leaves a NaN the test sees)."""
+
+    E = {("NaCl", 22): -2.0, ("NaCl", 24): -2.1, ("NaCl", 18): -1.95, ("KCl", 31): -1.0}
+
+    def predict_structure(self, structures, task="e", batch_size=None):
+        one = not isinstance(structures, list)
+        out = [{"e": self.energy(s)} for s in ([structures] if one else structures)]
+        return out[0] if one else out
+
+    def energy(self, s) -> float:
+        if len(s.composition.elements) == 1:
+            return 0.0
+        return self.E[(s.composition.reduced_formula, round(s.volume / len(s)))]
+
+
+def test_evaluate_rates_on_a_hand_made_sample_set():
+    """Six samples against one training crystal (rock-salt NaCl at -2.0 eV/atom, elements at 0):
+    0 rock-salt NaCl expanded 2% (matches training: not novel), -2.1 eV/atom -> E_hull -0.1;
+    1 CsCl-type NaCl (novel), -1.95 -> +0.05; 2 the same translated (a duplicate of 1);
+    3 rock-salt KCl (novel; K-Cl hull from the elements only), -1.0 -> -1.0;
+    4 NaCl with two atoms 0.08 Å apart (structurally invalid); 5 undecodable (None)."""
+    from molgen.crystal import metrics
+
+    train = [nacl()]
+    samples = [
+        xtal.Crystal(nacl().lattice * 1.02, nacl().frac, nacl().species),
+        _cscl_nacl(),
+        _cscl_nacl(shift=0.37),
+        _fcc(6.29, [[0, 0, 0], [0.5, 0.5, 0.5]], [19, 17]),
+        xtal.Crystal(nacl().lattice, np.asarray([[0, 0, 0], [0.02, 0.0, 0.0]]), np.asarray([11, 17])),
+        None,
+    ]
+    hull = metrics.Hull(train, model=_FakeCHGNet())
+    out, per = metrics.evaluate(samples, train, [nacl()], hull)
+    np.testing.assert_array_equal(per["struct_valid"], [1, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(per["comp_valid"], [1, 1, 1, 1, 1, 0])
+    np.testing.assert_array_equal(per["unique"], [1, 1, 0, 1, 0, 0])
+    np.testing.assert_array_equal(per["novel"], [0, 1, 0, 1, 0, 0])
+    np.testing.assert_allclose(per["e_above_hull"], [-0.1, 0.05, 0.05, -1.0, np.nan, np.nan], atol=1e-9)
+    want = {"n_samples": 6, "struct_valid": 4 / 6, "comp_valid": 5 / 6, "valid": 4 / 6, "unique": 3 / 4,
+            "novel": 2 / 3, "e_hull_evaluated": 4 / 6, "e_hull_median": -0.025, "stable": 2 / 6, "sun": 1 / 6,
+            "msun": 2 / 6, "wdist_n_elements": 0.0}  # fmt: skip
+    assert {k: out[k] for k in want} == pytest.approx(want, abs=1e-9)
+    dens = [xtal.density(c) for c in samples[:4]]
+    assert out["wdist_density"] == pytest.approx(np.mean(np.abs(np.asarray(dens) - xtal.density(nacl()))))
+
+
 def _cli(config: str, workdir, *overrides):
     cmd = [sys.executable, "-m", "molgen.main", f"--config={config}", f"--workdir={workdir}", *overrides]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -219,7 +335,10 @@ def test_cli_vae_predictor_ldm_tiny(tiny_csvs, tmp_path):
         f"--config.data.data_dir={data_dir}",
     )
     ev = json.loads((v / "evaluation.json").read_text())
-    assert ev["test"]["n"] == 8 and 0.0 <= ev["test"]["match_rate"] <= 1.0
+    t = ev["test"]  # rates against known answers: test_reconstruct_match_rate_on_hand_made_decodings
+    matched = t["match_rate"] * t["n"]
+    assert t["n"] == 8 and matched == pytest.approx(round(matched), abs=1e-9)  # a count out of the 8 test crystals
+    assert np.isfinite(t["rmse"]) == (round(matched) > 0) and 0.0 < t["species_acc"] <= 1.0  # RMSE of matched pairs
     rep = json.loads((pathlib.Path(data_dir) / "crystal_csv").glob("*/1.0.0/build_report.json").__next__().read_text())
     assert rep["skipped"][0]["material_id"] == "mp-broken"
     _cli("experiments/crystal_predictor_mp20.py:tiny", p, f"--config.vae_workdir={v}", f"--config.data_dir={data_dir}")

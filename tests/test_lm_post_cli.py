@@ -1,6 +1,6 @@
 """LM post-training through the real CLI on tiny configs: SFT (building its missing pretraining
 run), rollouts + judge + pairs, DPO killed and resumed, beta-DPO on byte-level HH text, GRPO
-resumed at the same data position."""
+killed and resumed at the same data position."""
 
 import json
 import pathlib
@@ -10,10 +10,12 @@ import subprocess
 import sys
 import time
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from test_cli import ROOT, _env
 
-from molgen.lm import rewards, rollouts, tokenizer
+from molgen.lm import dpo, rewards, rollouts, sequences, tokenizer
 
 
 def cli(config, workdir, *overrides, timeout=600):
@@ -169,22 +171,92 @@ def test_beta_dpo_on_byte_level_hh_text(tmp_path):
     tr = [r for r in lines(tmp_path / "dpo" / "metrics.jsonl") if "train/m0" in r]
     assert len(tr) == 6 and all(r["train/beta"] >= 1e-3 for r in tr)
     s = json.loads((tmp_path / "dpo" / "summary.json").read_text())
-    assert {"win_rate", "logp_win_rate"} <= set(s["before"]) and s["before"]["win_rate"] == 0.5
+    # the policy starts as the reference: every implicit-reward margin is exactly 0 (ties count 1/2);
+    # trained on these very pairs (held-out = train here), it must prefer the chosen side after
+    assert s["before"]["margin"] == 0.0 and s["before"]["win_rate"] == 0.5
+    assert s["after"]["margin"] > 0.0 and s["after"]["win_rate"] > 0.5
 
 
-def test_grpo_resumes_at_the_same_data_position(chain, tmp_path):
-    args = [f"--config.policy.workdir={chain / 'pre'}", "--config.ckpt.async_save=False"]
-    cli("experiments/lm_grpo.py:tiny", tmp_path / "ref", *args, "--config.train.steps=6")
-    wd = tmp_path / "resumed"
-    cli("experiments/lm_grpo.py:tiny", wd, *args, "--config.train.steps=4")
-    res = cli("experiments/lm_grpo.py:tiny", wd, *args, "--config.train.steps=6")
+class _Unigram:
+    """A stand-in for Qwen3 in `dpo.sequence_logps`: every position predicts params["logp"]."""
+
+    def apply(self, variables, tokens, positions, segment_ids):
+        logp = variables["params"]["logp"]
+        return jnp.broadcast_to(logp, tokens.shape + logp.shape), None
+
+
+def test_dpo_pair_eval_against_hand_computed_margins():
+    """Held-out win rates of a unigram policy p = (.1, .2, .3, .4) against a uniform reference,
+    on four pairs (prompt [2], completions of tokens 0-3) whose implicit-reward margins
+    (log pi(c) - log pi(r)) - (log ref(c) - log ref(r)) are, by hand:
+    [2,2] vs [1]: 2 ln .3 - ln .2 - ln .25 = ln 1.8 (win); [1] vs [3]: ln .5 (loss);
+    [0,3] vs [3,0]: 0 (a tie, 1/2); [3] vs [0]: ln 4 (win)."""
+    pol = {"logp": jnp.log(jnp.asarray([0.1, 0.2, 0.3, 0.4]))}
+    ref_params = {"logp": jnp.log(jnp.full(4, 0.25))}
+    pairs = [([2, 2], [1]), ([1], [3]), ([0, 3], [3, 0]), ([3], [0])]
+    rows = []
+    for i, (c, r) in enumerate(pairs):
+        row = {"pair_id": np.int32(i)}
+        for side, comp in (("c_", c), ("r_", r)):
+            made = sequences.make_row([2], comp, 5)
+            made.pop("truncated")
+            row.update({side + k: v for k, v in made.items()})
+        rows.append(row)
+    model = _Unigram()
+    ref = dpo.sequence_logps(model, ref_params, rows)
+    np.testing.assert_allclose(ref["c_sum"], np.log(0.25) * np.asarray([2, 1, 2, 1]), rtol=1e-6)
+    out = dpo.pair_eval(model, pol, ref, rows)
+    ln = np.log
+    assert out["win_rate"] == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    assert out["logp_win_rate"] == pytest.approx(2 / 4)  # mean token log-prob: [2,2] > [1] and [3] > [0] only
+    assert out["margin"] == pytest.approx((ln(1.8) + ln(0.5) + 0.0 + ln(4.0)) / 4, rel=1e-5)
+    assert out["chosen_logp"] == pytest.approx((2 * ln(0.3) + ln(0.2) + ln(0.1) + ln(0.4) + ln(0.4)) / 4, rel=1e-5)
+    assert out["rejected_logp"] == pytest.approx((ln(0.2) + ln(0.4) + ln(0.4) + ln(0.1) + ln(0.1)) / 4, rel=1e-5)
+    same = dpo.pair_eval(model, ref_params, ref, rows)  # before training: the policy is the reference
+    assert same["win_rate"] == 0.5 and same["margin"] == 0.0
+
+
+GRPO_COMPARE = ("reward", "validity", "r_smcov", "kl", "loss", "ratio", "clip_frac", "grad_norm", "completion_len")
+
+
+def test_grpo_killed_resumes_at_the_same_data_position(chain, tmp_path):
+    """GRPO SIGKILLed after step 5 (checkpoints every 4 steps, so steps 5+ are traced but not
+    saved) and rerun: it resumes at step 4, drops the traced steps after it, and its molecules,
+    rewards, train metrics and final evaluation equal those of an uninterrupted run."""
+    args = [f"--config.policy.workdir={chain / 'pre'}", "--config.ckpt.async_save=False",
+            "--config.train.steps=8", "--config.ckpt.every_steps=4"]  # fmt: skip
+    ref = tmp_path / "ref"
+    cli("experiments/lm_grpo.py:tiny", ref, *args)
+    wd = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "molgen.main", "--config=experiments/lm_grpo.py:tiny", f"--workdir={wd}", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trace = wd / "rollouts.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if trace.exists() and trace.read_text().count("\n") >= 5:  # step 5 traced, checkpoint 8 not yet written
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    traced = trace.read_text().count("\n")
+    done = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+    assert done == [4] and traced >= 5, f"not killed between steps 5 and 8: checkpoints {done}, {traced} traced"
+    res = cli("experiments/lm_grpo.py:tiny", wd, *args)
     assert "resumed GRPO at step 4" in res.stderr
-    a, b = lines(tmp_path / "ref" / "rollouts.jsonl"), lines(wd / "rollouts.jsonl")
-    assert [r["step"] for r in b] == list(range(1, 7))
+    a, b = lines(ref / "rollouts.jsonl"), lines(trace)
+    assert [r["step"] for r in b] == list(range(1, 9))  # the traced steps after the checkpoint were redone once
     assert [r["mol_index"] for r in a] == [r["mol_index"] for r in b]
     assert [r["reward"] for r in a] == [r["reward"] for r in b]
-    tr = [r for r in lines(wd / "metrics.jsonl") if "train/reward" in r]
+    ta = [r for r in lines(ref / "metrics.jsonl") if "train/reward" in r]
+    tb = [r for r in lines(wd / "metrics.jsonl") if "train/reward" in r]
+    assert [r["step"] for r in tb] == list(range(1, 9))
+    for x, y in zip(ta, tb, strict=True):  # same parameters and optimiser state after the resume
+        for k in GRPO_COMPARE:
+            assert y["train/" + k] == pytest.approx(x["train/" + k], rel=1e-4, abs=1e-9), (x["step"], k)
     keys = {"train/reward", "train/validity", "train/kl", "train/clip_frac", "train/completion_len", "train/r_smcov"}
-    assert keys <= set(tr[-1])
-    s = json.loads((wd / "summary.json").read_text())
+    assert keys <= set(tb[-1])
+    s, s_ref = json.loads((wd / "summary.json").read_text()), json.loads((ref / "summary.json").read_text())
     assert {"reward", "validity", "cov_r"} <= set(s["before"]) and {"reward", "validity"} <= set(s["after"])
+    for k, v in s_ref["after"].items():
+        if k != "eval_seconds":
+            assert s["after"][k] == pytest.approx(v, rel=1e-4, abs=1e-9, nan_ok=True), k  # NaN: no valid sample
