@@ -45,6 +45,7 @@ import numpy as np
 from absl import app, flags
 
 from molgen.cg import analysis, data, export, md, mdcath, simulate, train
+from molgen.core import cli
 
 log = logging.getLogger("molgen.cg.active")
 
@@ -192,12 +193,10 @@ def _cli(a, argv):
         raise SystemExit(f"molgen.cg.active: {e}") from None
 
 
-def main(argv):
-    """The CLI in this process: main(["--model_workdir=X", "--out=Y"]), with its own flag set."""
-    fv = _flags(flags.FlagValues())
-    _cli(fv, fv(["molgen.cg.active", *argv]))
+def main(argv=None):
+    """The CLI in this process: main(["--model_workdir=X", "--out=Y"]); None: from the shell."""
+    cli.run("molgen.cg.active", _flags, _cli, argv)
 
 
 if __name__ == "__main__":
-    _flags(flags.FLAGS)
-    app.run(lambda argv: _cli(flags.FLAGS, argv))
+    main()

@@ -34,6 +34,8 @@ import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 
+from molgen.core import cli
+
 FORMAT = "molgen-cg-export-v1"
 TOPOLOGY_KEYS = ("bonds", "angles", "dihedrals", "repulsive", "excluded", "excluded_sep")
 _TOPO_FROM_PRIORS = {"bonds": "bond", "angles": "angle", "dihedrals": "dihedral", "repulsive": "repulsive",
@@ -280,12 +282,10 @@ def _cli(a, argv):
         raise SystemExit(f"molgen.cg.export: {e}") from None
 
 
-def main(argv):
-    """The CLI in this process: main(["--workdir=X"]), with its own flag set."""
-    fv = _flags(flags.FlagValues())
-    _cli(fv, fv(["molgen.cg.export", *argv]))
+def main(argv=None):
+    """The CLI in this process: main(["--workdir=X"]); None: from the shell."""
+    cli.run("molgen.cg.export", _flags, _cli, argv)
 
 
 if __name__ == "__main__":
-    _flags(flags.FLAGS)
-    app.run(lambda argv: _cli(flags.FLAGS, argv))
+    main()

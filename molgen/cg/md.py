@@ -34,6 +34,7 @@ from jax_md import partition, simulate, space
 
 from molgen.cg import export, lammps, neighbors, priors, train
 from molgen.cg.priors import KB
+from molgen.core import cli
 
 ACCEL = 4.184e-4  # (kcal/mol/Å) / amu in Å/fs²
 
@@ -209,12 +210,10 @@ def _cli(a, argv):
     print(json.dumps(out, indent=2))
 
 
-def main(argv):
-    """The CLI in this process: main(["--workdir=X", "--steps=200"]), with its own flag set."""
-    fv = _flags(flags.FlagValues())
-    _cli(fv, fv(["molgen.cg.md", *argv]))
+def main(argv=None):
+    """The CLI in this process: main(["--workdir=X", "--steps=200"]); None: from the shell."""
+    cli.run("molgen.cg.md", _flags, _cli, argv)
 
 
 if __name__ == "__main__":
-    _flags(flags.FLAGS)
-    app.run(lambda argv: _cli(flags.FLAGS, argv))
+    main()

@@ -28,6 +28,7 @@ import numpy as np
 from absl import app, flags
 
 from molgen.cg import mdcath
+from molgen.core import cli
 
 KJ_PER_KCAL = 4.184
 log = logging.getLogger("molgen.cg.simulate")
@@ -367,12 +368,10 @@ def _cli(a, argv):
         raise SystemExit(f"molgen.cg.simulate: {e}") from None
 
 
-def main(argv):
-    """The CLI in this process: main(["--out=x.h5", "--frames=10"]), with its own flag set."""
-    fv = _flags(flags.FlagValues())
-    _cli(fv, fv(["molgen.cg.simulate", *argv]))
+def main(argv=None):
+    """The CLI in this process: main(["--out=x.h5", "--frames=10"]); None: from the shell."""
+    cli.run("molgen.cg.simulate", _flags, _cli, argv)
 
 
 if __name__ == "__main__":
-    _flags(flags.FLAGS)
-    app.run(lambda argv: _cli(flags.FLAGS, argv))
+    main()

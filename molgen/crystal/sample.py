@@ -16,6 +16,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from molgen.chem import crystal as xtal
+from molgen.core import cli
 
 
 def to_crystals(out: dict, mask) -> list[xtal.Crystal | None]:
@@ -116,12 +117,10 @@ def _cli(args, argv):
     print(json.dumps(result, indent=2))
 
 
-def main(argv):
-    """The CLI in this process: main(["--workdir=X", "--out=Y", "--n=3"]), with its own flag set."""
-    fv = _flags(flags.FlagValues())
-    _cli(fv, fv(["molgen.crystal.sample", *argv]))
+def main(argv=None):
+    """The CLI in this process: main(["--workdir=X", "--out=Y", "--n=3"]); None: from the shell."""
+    cli.run("molgen.crystal.sample", _flags, _cli, argv)
 
 
 if __name__ == "__main__":
-    _flags(flags.FLAGS)
-    app.run(lambda argv: _cli(flags.FLAGS, argv))
+    main()

@@ -22,6 +22,7 @@ import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 
+from molgen.core import cli
 from molgen.lm.model import Qwen3Config
 
 _LAYER = {  # hf suffix -> (molgen path, transpose)
@@ -228,12 +229,10 @@ def _cli(a, argv):
     print(f"wrote {out}")
 
 
-def main(argv):
-    """The CLI in this process: main(["molgen2hf", "--src=runs/x", "--dst=out"]), with its own flag set."""
-    fv = _flags(flags.FlagValues())
-    _cli(fv, fv(["molgen.lm.convert", *argv]))
+def main(argv=None):
+    """The CLI in this process: main(["molgen2hf", "--src=runs/x", "--dst=out"]); None: from the shell."""
+    cli.run("molgen.lm.convert", _flags, _cli, argv)
 
 
 if __name__ == "__main__":
-    _flags(flags.FLAGS)
-    app.run(lambda argv: _cli(flags.FLAGS, argv))
+    main()

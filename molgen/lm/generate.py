@@ -41,6 +41,7 @@ from rdkit import Chem, RDLogger
 from rdkit.Chem import AllChem
 
 from molgen.chem import conformers, enriched
+from molgen.core import cli
 from molgen.lm import policy as policy_lib
 from molgen.lm import sample, tokenizer
 from molgen.lm.pretrain import init_params
@@ -437,12 +438,10 @@ def _cli(a, argv):
         sys.exit(f"molgen.lm.generate: {e}")
 
 
-def main(argv):
-    """The CLI in this process: main(["--workdir=X", "--smiles=CCO"]), with its own flag set."""
-    fv = _flags(flags.FlagValues())
-    _cli(fv, fv(["molgen.lm.generate", *argv]))
+def main(argv=None):
+    """The CLI in this process: main(["--workdir=X", "--smiles=CCO"]); None: from the shell."""
+    cli.run("molgen.lm.generate", _flags, _cli, argv)
 
 
 if __name__ == "__main__":
-    _flags(flags.FLAGS)
-    app.run(lambda argv: _cli(flags.FLAGS, argv))
+    main()
