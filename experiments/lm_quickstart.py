@@ -32,6 +32,8 @@ def get_config():
             seq_len=512,
             packing_bins=16,
             positions="aligned",  # position coupling (molgen.lm.tokenizer): skeleton copying in minutes
+            frame="raw",  # "principal": conformers centred and rotated onto their principal axes (enriched.reframe)
+            decimals=4,  # 1-4: coordinates truncated to this many decimals (3 costs as many tokens as 4)
         )
     )
     cfg.optim = common.optim(lr=3e-3, warmup_steps=30, weight_decay=0.05, wsd_decay_frac=0.2)
@@ -48,6 +50,8 @@ def get_config():
             top_p=1.0,
             grammar=False,  # True: constrained decoding of coordinate blocks (README, "Grammar-constrained sampling")
             delta=0.75,
+            mat_cap=3.0,  # MAT (all molecules) counts a molecule with no valid sample at this RMSD (Å)
+            baseline=True,  # also score RDKit ETKDGv3 (raw and + MMFF) conformers with other seeds
             seed=0,
         )
     )

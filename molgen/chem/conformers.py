@@ -73,20 +73,58 @@ def reference_mol(refs: list[str]) -> Chem.Mol:
     return ref
 
 
-def score_molecule(job):
-    """Pool worker: (smiles, [reference enriched], [generated texts], delta) -> per-molecule record."""
-    smiles, refs, texts, delta = job
-    ref = reference_mol(refs)
-    gens, reasons = [], defaultdict(int)
-    for t in texts:
+def judge_texts(smiles: str, ref: Chem.Mol, texts: list[str]) -> tuple[list, list[str], np.ndarray]:
+    """The one scoring path of generated conformers (evaluation, rewards, rollouts): each text is
+    gated (tags, decodes, same graph as `smiles`, finite RMSD row) and scored against every
+    reference conformer. Returns (molecules, or None where a gate failed; reasons, "" when
+    valid; D [texts, references] heavy-atom RMSD, inf for failed texts)."""
+    mols, reasons = [], []
+    d = np.full((len(texts), ref.GetNumConformers()), np.inf)
+    for i, t in enumerate(texts):
         mol, why = check_sample(t, smiles)
-        reasons[why or "valid"] += 1
         if mol is not None:
-            gens.append(mol)
-    d = rmsd_matrix(gens, ref) if gens else np.zeros((0, len(refs)))
+            d[i] = rmsd_matrix([mol], ref)[0]
+            if not np.all(np.isfinite(d[i])):
+                mol, why, d[i] = None, "rmsd", np.inf
+        mols.append(mol)
+        reasons.append(why)
+    return mols, reasons, d
+
+
+def rdkit_baseline(smiles: str, ref: Chem.Mol, n: int, seed: int, delta: float) -> dict[str, dict]:
+    """The classical baseline for one molecule: `n` RDKit ETKDGv3 conformers drawn with `seed`
+    (give one the references were not drawn with), scored against `ref` raw and after MMFF94:
+    {"rdkit_etkdg": {...}, "rdkit_etkdg_mmff": {...}}, each COV/MAT, best RMSD and n_valid."""
+    out = {}
+    for key, mmff in (("rdkit_etkdg", False), ("rdkit_etkdg_mmff", True)):
+        try:
+            emb = enriched.embed_conformers(smiles, n, seed=seed, mmff=mmff)
+        except enriched.EnrichedError as e:
+            out[key] = {"n_valid": 0, "error": str(e), **coverage_matching(np.zeros((0, 1)), delta)}
+            continue
+        gens = [Chem.Mol(emb, confId=c.GetId()) for c in emb.GetConformers()]
+        d = rmsd_matrix(gens, ref)
+        out[key] = {"n_valid": len(gens), "n_ref": ref.GetNumConformers(), "best_rmsd": float(np.nanmin(d)),
+                    **coverage_matching(d, delta)}  # fmt: skip
+    return out
+
+
+def score_molecule(job):
+    """Pool worker: (smiles, [reference enriched], [generated texts], delta[, baseline seed]) ->
+    per-molecule record; with a baseline seed it also holds `rdkit_baseline`'s two entries."""
+    smiles, refs, texts, delta, *rest = job
+    ref = reference_mol(refs)
+    mols, why, d = judge_texts(smiles, ref, texts)
+    gens = [m for m in mols if m is not None]
+    d = d[[m is not None for m in mols]]
+    reasons = defaultdict(int)
+    for w in why:
+        reasons[w or "valid"] += 1
     rec = {"smiles": smiles, "n_ref": len(refs), "n_gen": len(texts), "n_valid": len(gens), "reasons": dict(reasons)}
     rec.update(coverage_matching(d, delta))
-    rec["min_rmsd"] = [float(x) for x in (np.nan_to_num(d, nan=99.0).min(axis=1) if len(gens) else [])]
-    rec["ref_min"] = [float(x) for x in (np.nan_to_num(d, nan=99.0).min(axis=0) if len(gens) else [99.0] * len(refs))]
+    rec["min_rmsd"] = [float(x) for x in (d.min(axis=1) if len(gens) else [])]
+    rec["ref_min"] = [float(x) for x in (d.min(axis=0) if len(gens) else [99.0] * len(refs))]
     rec["valid_sdf"] = [Chem.MolToMolBlock(g) for g in gens]
+    if rest and rest[0] is not None:
+        rec.update(rdkit_baseline(smiles, ref, len(texts), rest[0], delta))
     return rec

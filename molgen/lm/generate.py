@@ -222,22 +222,6 @@ def score(gens: list[Chem.Mol], ref: Chem.Mol | None, delta: float) -> tuple[lis
     return nearest, metrics
 
 
-def rdkit_baseline(mol: Molecule, n: int, seed: int, delta: float) -> dict:
-    """The classical baseline for a molecule with a reference: `n` RDKit ETKDGv3 conformers (seed
-    offset from the reference's), scored raw and after MMFF like the model's samples."""
-    out = {}
-    for key, mmff in (("rdkit_etkdg", False), ("rdkit_etkdg_mmff", True)):
-        try:
-            emb = enriched.embed_conformers(mol.smiles, n, seed=10_000 + seed, mmff=mmff)
-        except enriched.EnrichedError as e:
-            out[key] = {"valid": 0, "error": str(e)}
-            continue
-        gens = [Chem.Mol(emb, confId=c.GetId()) for c in emb.GetConformers()]
-        _, metrics = score(gens, mol.ref, delta)
-        out[key] = {"valid": len(gens), **metrics}
-    return out
-
-
 def _sdf_block(mol: Chem.Mol, props: dict) -> str:
     m = Chem.Mol(mol)
     m.SetProp("_Name", str(props["input_id"]))
@@ -278,7 +262,8 @@ def summarize(records: list[dict], key: str = "") -> dict:
 def collect(mols: list[Molecule], texts: list[str], n: int, delta: float, relax: str = "none", baseline_seed=None):
     """(per-molecule records, SDF blocks, MMFF SDF blocks) from the sampled texts: `n` per
     prompted molecule, in the order of the prompted molecules sorted by `est_tokens`. With
-    `baseline_seed`, molecules with a reference also get the RDKit baseline (`rdkit_baseline`)."""
+    `baseline_seed`, molecules with a reference also get the RDKit baseline
+    (`conformers.rdkit_baseline`)."""
     todo = sorted((m for m in mols if not m.reason), key=lambda m: m.est_tokens)
     records, by_id = [], {m.id: k for k, m in enumerate(todo)}
     sdf, sdf_mmff = [], []
@@ -314,7 +299,8 @@ def collect(mols: list[Molecule], texts: list[str], n: int, delta: float, relax:
                 props = {"input_id": m.id, "sample_index": i, "smiles": m.smiles, "relaxed": "mmff"}
                 sdf_mmff.append(_sdf_block(g, {**props, **({"rmsd": r_rmsd[j]} if r_rmsd else {})}))
         if baseline_seed is not None and m.ref is not None:
-            rec.update(rdkit_baseline(m, n, baseline_seed, delta))
+            for key, v in conformers.rdkit_baseline(m.smiles, m.ref, n, 10_000 + baseline_seed, delta).items():
+                rec[key] = {"valid": v.pop("n_valid"), **v}
         records.append(rec)
 
     return records, sdf, sdf_mmff

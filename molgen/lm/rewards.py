@@ -82,19 +82,8 @@ def judge_group(job) -> dict:
 
     Completion texts are whole units (`[SMILES]..[/SMILES][CONFORMER]..[/CONFORMER]`)."""
     smiles, refs, texts, cfg = job
-    ref = conformers.reference_mol(refs)
-    mols, reasons = [], []
-    for t in texts:
-        mol, why = conformers.check_sample(t, smiles)
-        mols.append(mol)
-        reasons.append(why)
-    d = np.full((len(texts), len(refs)), np.inf)
-    for i, mol in enumerate(mols):
-        if mol is not None:
-            d[i] = conformers.rmsd_matrix([mol], ref)[0]
-            if not np.all(np.isfinite(d[i])):
-                reasons[i], mols[i] = "rmsd", None
-    valid = np.asarray([m is not None for m in mols])
+    mols, reasons, d = conformers.judge_texts(smiles, conformers.reference_mol(refs), texts)
+    valid = np.asarray([m is not None for m in mols], bool)
     out = combine(np.where(np.isfinite(d), d, 1e6), valid, cfg)
     recs = []
     for i in range(len(texts)):
