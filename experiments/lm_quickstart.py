@@ -33,7 +33,7 @@ def get_config():
             packing_bins=16,
             positions="aligned",  # position coupling (molgen.lm.tokenizer): skeleton copying in minutes
             frame="raw",  # "principal": conformers centred and rotated onto their principal axes (enriched.reframe)
-            decimals=4,  # 1-4: coordinates truncated to this many decimals (3 costs as many tokens as 4)
+            decimals=4,  # 1-4: coordinates truncated to this many decimals (MOSES units: 2 -> -22% tokens, 3 -> -2%)
         )
     )
     cfg.optim = common.optim(lr=3e-3, warmup_steps=30, weight_decay=0.05, wsd_decay_frac=0.2)

@@ -2,7 +2,8 @@
 
 A unit reads `[SMILES]{smiles}[/SMILES][CONFORMER]{enriched}[/CONFORMER]`, where
 `enriched` is the canonical isomeric SMILES with every heavy atom in brackets and
-followed by `<x,y,z>` (Angstrom, truncated to 4 decimals).
+followed by `<x,y,z>` (Angstrom, truncated to 4 decimals). `reframe` rewrites the coordinates
+in the principal-axes frame and/or with fewer decimals (the LM's `data.frame` / `data.decimals`).
 
 Decision: an organic-subset atom that RDKit itself writes as a bare bracket atom
 (`[C]`, `[N]`: radicals or unusual valence) would be indistinguishable from one we
@@ -34,10 +35,16 @@ class EnrichedError(ValueError):
     """A molecule or text that cannot be encoded or decoded."""
 
 
-def fmt_coord(x: float) -> str:
-    """Truncate (not round) to 4 decimals; `2.0` -> '2.0', `-1.23456` -> '-1.2345'."""
-    n = math.trunc(round(float(x) * 1e4, 3))  # the round() absorbs float noise (2.7704 -> 27703.9999)
-    return repr(n / 1e4) if n != 0 else "0.0"
+FRAMES = ("raw", "principal")
+DECIMALS = (1, 2, 3, 4)
+
+
+def fmt_coord(x: float, decimals: int = 4) -> str:
+    """Truncate (not round) to `decimals` (1-4) decimals; `2.0` -> '2.0', `-1.23456` -> '-1.2345' (4),
+    '-1.23' (2), '-1.2' (1); a value that truncates to zero is '0.0'."""
+    scale = 10**decimals
+    n = math.trunc(round(float(x) * scale, 3))  # the round() absorbs float noise (2.7704 -> 27703.9999)
+    return repr(n / scale) if n != 0 else "0.0"
 
 
 def smiles_tokens(smiles: str) -> list[str]:
@@ -70,6 +77,73 @@ def encode(mol: Chem.Mol, conf_id: int = -1) -> tuple[str, str]:
     if k != mol.GetNumAtoms():
         raise EnrichedError(f"matched {k} atom tokens for {mol.GetNumAtoms()} atoms in {smiles!r}")
     return smiles, "".join(out)
+
+
+def principal_frame(xyz: np.ndarray) -> np.ndarray:
+    """Coordinates [N, 3] centred on their centroid and rotated onto their principal axes.
+
+    The rule (unit masses, all heavy atoms, in the given atom order):
+    - centre: subtract the centroid;
+    - axes: eigenvectors of the covariance of the centred coordinates (`numpy.linalg.eigh`),
+      ordered by eigenvalue, axis 1 = largest spread, axis 2 = the next;
+    - signs of axes 1 and 2: the one that makes the third moment sum(p**3) of the projections p
+      positive; when |sum(p**3)| <= 1e-6 * sum(|p|**3) (symmetric along the axis, or all p = 0), the
+      one that makes the projection of the first atom with |p| > 1e-3 positive; if there is none,
+      the sign as eigh computed it;
+    - axis 3 = cross(axis 1, axis 2), so the transform is a proper rotation (det +1): a reflection
+      would mirror the molecule and invert its stereocentres, which an RMSD without reflection
+      (and the chirality read from 3D) would punish.
+    Degenerate spreads (1-2 atoms, linear or highly symmetric molecules) never fail: eigh's
+    orthonormal basis of the degenerate eigenspace is used as it comes, then the sign rule.
+    The result is then deterministic for a given input and, up to the truncation of the input,
+    independent of the frame the conformer was given in (except where the sign or axis choice is
+    degenerate)."""
+    xyz = np.asarray(xyz, np.float64).reshape(-1, 3)
+    if len(xyz) == 0:
+        return xyz.copy()
+    y = xyz - xyz.mean(axis=0)
+    _, vecs = np.linalg.eigh(y.T @ y / len(y))  # ascending eigenvalues
+    axes = [vecs[:, 2], vecs[:, 1]]
+    for k, a in enumerate(axes):
+        p = y @ a
+        m3, tol = float(np.sum(p**3)), 1e-6 * float(np.sum(np.abs(p) ** 3))
+        if abs(m3) > tol:
+            sign = 1.0 if m3 > 0 else -1.0
+        else:
+            big = np.flatnonzero(np.abs(p) > 1e-3)
+            sign = 1.0 if len(big) == 0 or p[big[0]] > 0 else -1.0
+        axes[k] = sign * a
+    rot = np.stack([axes[0], axes[1], np.cross(axes[0], axes[1])])  # rows: the new axes, det +1
+    return y @ rot.T
+
+
+def reframe(enriched: str, frame: str = "raw", decimals: int = 4) -> str:
+    """The enriched string with its coordinates in `frame` and truncated to `decimals` decimals.
+
+    frame "raw" keeps the coordinates as written; "principal" moves them to the principal-axes
+    frame of `principal_frame` (centroid at the origin, proper rotation). Each `<x,y,z>` is then
+    rewritten with `fmt_coord(v, decimals)` (truncation toward zero); everything else is unchanged.
+    "raw" at 4 decimals returns the input itself. Pure; raises ValueError on an unknown `frame`
+    or a `decimals` that is not an integer in 1-4."""
+    if frame not in FRAMES:
+        raise ValueError(f"frame must be one of {FRAMES}, got {frame!r}")
+    if isinstance(decimals, bool) or not isinstance(decimals, (int, np.integer)) or decimals not in DECIMALS:
+        raise ValueError(f"decimals must be one of {DECIMALS}, got {decimals!r}")
+    if frame == "raw" and decimals == 4:
+        return enriched
+    matches = list(_ENRICHED_ATOM_RE.finditer(enriched))
+    if not matches:
+        return enriched
+    xyz = np.array([[float(v) for v in m.groups()[1:]] for m in matches])
+    if frame == "principal":
+        xyz = principal_frame(xyz)
+    new = iter(xyz)
+
+    def sub(m):
+        x, y, z = next(new)
+        return f"{m.group(1)}<{fmt_coord(x, decimals)},{fmt_coord(y, decimals)},{fmt_coord(z, decimals)}>"
+
+    return _ENRICHED_ATOM_RE.sub(sub, enriched)
 
 
 def strip_coords(enriched: str) -> str:

@@ -6,7 +6,8 @@ the enriched string. Molecules that fail to parse, embed or encode are skipped, 
 and listed in `build_report.json` next to the dataset. Train and validation come from
 MOSES train, test from MOSES test.
 
-Pipeline: examples -> token ids (+ <eot>) -> first-fit packing into rows of `seq_len`
+Pipeline: examples -> conformer in `data.frame` with `data.decimals` decimals (`enriched.reframe`,
+on the fly) -> token ids (+ <eot>) -> first-fit packing into rows of `seq_len`
 with segment ids and per-segment positions -> batches. The global batch is split into
 one stream per global device ("data" mesh index); each process builds only the streams of
 its own devices, so the global batch is the same whatever the process layout.
@@ -158,15 +159,37 @@ def report(builder) -> dict:
     return json.loads((pathlib.Path(builder.data_dir) / "build_report.json").read_text())
 
 
-def _tokenize(ex, seq_len: int, pos_mode: str):
-    text = enriched.unit_text(as_str(ex["smiles"]), as_str(ex["enriched"]))
+def data_knobs(dc) -> tuple[str, int]:
+    """(frame, decimals) of a `data` config group, checked; "raw" / 4 where the group lacks them
+    (configs written before these fields). Raises ValueError naming the key on a bad value."""
+    frame = dc.frame if "frame" in dc else "raw"
+    decimals = dc.decimals if "decimals" in dc else 4
+    return check_knobs(frame, decimals)
+
+
+def check_knobs(frame, decimals) -> tuple[str, int]:
+    if frame not in enriched.FRAMES:
+        raise ValueError(f"config.data.frame={frame!r}: expected one of {', '.join(map(repr, enriched.FRAMES))}")
+    if isinstance(decimals, bool) or not isinstance(decimals, (int, np.integer)) or decimals not in enriched.DECIMALS:
+        raise ValueError(f"config.data.decimals={decimals!r}: expected an integer in {list(enriched.DECIMALS)}")
+    return frame, int(decimals)
+
+
+def unit_text(ex, frame: str = "raw", decimals: int = 4) -> str:
+    """The training text of a dataset example, its conformer rewritten by `enriched.reframe`
+    (the stored dataset stays raw at 4 decimals; evaluation references are read raw)."""
+    return enriched.unit_text(as_str(ex["smiles"]), enriched.reframe(as_str(ex["enriched"]), frame, decimals))
+
+
+def _tokenize(ex, seq_len: int, pos_mode: str, frame: str = "raw", decimals: int = 4):
+    text = unit_text(ex, frame, decimals)
     ids = np.concatenate([tokenizer.encode(text), [tokenizer.EOT_ID]]).astype(np.int32)[:seq_len]
     return {"tokens": ids, "positions": tokenizer.positions(ids, pos_mode)}
 
 
-def _stream(source, stream, n_streams, rows, seq_len, seed, train, bins, pos_mode):
+def _stream(source, stream, n_streams, rows, seq_len, seed, train, bins, pos_mode, frame="raw", decimals=4):
     ds = streams_lib.device_stream(source, stream, n_streams, seed, train)
-    ds = ds.map(lambda ex: _tokenize(ex, seq_len, pos_mode))
+    ds = ds.map(lambda ex: _tokenize(ex, seq_len, pos_mode, frame, decimals))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=64))
     it = grain.experimental.FirstFitPackIterDataset(
         it,
@@ -194,8 +217,17 @@ def pipeline(
     train: bool = True,
     packing_bins: int = 16,
     pos_mode: str = "sequential",
+    frame: str = "raw",
+    decimals: int = 4,
 ) -> grain.IterDataset:
-    """Packed batches of this process's streams: {"tokens","segment_ids","positions"} [rows, seq_len]."""
+    """Packed batches of this process's streams: {"tokens","segment_ids","positions"} [rows, seq_len].
+
+    `frame` / `decimals` (config `data.frame` / `data.decimals`) rewrite each conformer on the fly
+    (`enriched.reframe`), so the dataset is not rebuilt for them."""
+    frame, decimals = check_knobs(frame, decimals)
     rows = streams_lib.rows_per_stream(global_batch, n_streams)
-    parts = [_stream(source, s, n_streams, rows, seq_len, seed, train, packing_bins, pos_mode) for s in streams]
+    parts = [
+        _stream(source, s, n_streams, rows, seq_len, seed, train, packing_bins, pos_mode, frame, decimals)
+        for s in streams
+    ]
     return grain.experimental.ZipIterDataset(parents=parts).map(_concat)

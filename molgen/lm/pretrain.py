@@ -60,6 +60,7 @@ def init_params(model_cfg: Qwen3Config, seed: int):
 
 
 def train_and_evaluate(config, workdir: str):
+    frame, decimals = lm_data.data_knobs(config.data)  # a bad value fails before the dataset is built
     mesh = make_mesh(config.mesh.num_devices)
     model_cfg = Qwen3Config.from_config(config.model)
     model = Qwen3(model_cfg)
@@ -75,6 +76,8 @@ def train_and_evaluate(config, workdir: str):
         n_streams=n_streams,
         packing_bins=dc.packing_bins,
         pos_mode=dc.positions,
+        frame=frame,
+        decimals=decimals,
     )
     train = lm_data.pipeline(source["train"], seed=tc.seed, **common)
     params = init_params(model_cfg, tc.seed)

@@ -60,11 +60,12 @@ def examples(config, pol: policy_lib.Policy, split: str):
     if dc.source == "moses":
         from molgen.lm import data as lm_data
 
+        frame, decimals = lm_data.data_knobs(dc)
         source = lm_data.build(dc, dc.data_dir).as_data_source()
         out = []
         for i in range(len(source[split])):
             ex = source[split][i]
-            smi, enr = as_str(ex["smiles"]), as_str(ex["enriched"])
+            smi, enr = as_str(ex["smiles"]), enriched.reframe(as_str(ex["enriched"]), frame, decimals)
             out.append((sequences.encode_text(enriched.prompt_text(smi), "molecular"),
                         sequences.completion_ids(f"{enr}[/CONFORMER]", "molecular")))  # fmt: skip
         return out, source
