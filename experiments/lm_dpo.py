@@ -40,6 +40,7 @@ def get_config(variant: str = "quick"):
     cfg.dpo = ml_collections.ConfigDict(
         dict(
             loss="sigmoid",
+            ipo_normalize=True,  # loss="ipo": margin of mean token log-probs (TRL's ipo); False: of sums
             label_smoothing=0.0,
             beta=0.1,
             beta_mode="beta_dpo" if variant == "beta_dpo" else "fixed",

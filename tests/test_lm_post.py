@@ -156,6 +156,30 @@ def test_dpo_losses_against_hand_values():
         losses.dpo_loss(m, 0.1, "nope")
 
 
+@pytest.mark.parametrize("normalize, want", [(False, (3 - 5) ** 2), (True, (1 - 5) ** 2)])
+def test_ipo_summed_and_length_normalised_against_hand_values(monkeypatch, normalize, want):
+    """One pair through dpo.dpo_loss_fn (reference log-probs precomputed as sums), per-token
+    log-probs set by hand: chosen 2 tokens (-1, -2; reference sum -4), rejected 4 tokens
+    (-1, -1, -2, -4; reference sum -6); -100 at the masked positions must not count.
+    Summed: M = (-3 + 8) - (-4 + 6) = 3. Mean per token (TRL's ipo): M = (-1.5 + 2) - (-2 + 1.5) = 1.
+    IPO with beta 0.1: (M - 1/(2 beta))^2 = (M - 5)^2."""
+    import experiments.lm_dpo as exp
+    from molgen.lm import dpo, sequences
+
+    lp = {"c_": jnp.array([[-1.0, -2.0, -100.0, -100.0]]), "r_": jnp.array([[-1.0, -1.0, -2.0, -4.0]])}
+    mask = {"c_": jnp.array([[1.0, 1.0, 0.0, 0.0]]), "r_": jnp.array([[1.0, 1.0, 1.0, 1.0]])}
+    monkeypatch.setattr(sequences, "completion_logps", lambda model, params, batch, side: (lp[side], mask[side]))
+    cfg = exp.get_config("tiny")
+    cfg.dpo.update(dict(loss="ipo", ipo_normalize=normalize, rpo_alpha=0.0, beta=0.1))
+    batch = {"ref_c_": jnp.array([-4.0]), "ref_r_": jnp.array([-6.0]), "pair_id": jnp.array([0])}
+    loss, aux = dpo.dpo_loss_fn(None, cfg)(None, batch, None, {"beta": jnp.float32(0.1)})
+    assert float(loss) == pytest.approx(want, rel=1e-6)
+    assert float(aux["margin"]) == pytest.approx(1.0 if normalize else 3.0, rel=1e-6)
+    cfg.dpo.loss = "sigmoid"  # the other losses keep summed log-probs whatever ipo_normalize says
+    loss, _ = dpo.dpo_loss_fn(None, cfg)(None, batch, None, {"beta": jnp.float32(0.1)})
+    assert float(loss) == pytest.approx(math.log(1 + math.exp(-0.3)), rel=1e-6)
+
+
 def test_risk_beta_scripted_margins():
     hp = dict(delta=0.5, lam=0.5, gamma=1.0, alpha=0.1, beta_min=0.0, beta_max=2.0, warmup=2)
     c = losses.RiskBeta(beta0=0.1, **hp)
@@ -204,3 +228,52 @@ def test_dpo_trains_on_the_sampled_ids_not_a_re_encoding():
         dpo.sampled_ids({**pair, "chosen_ids": sampled[:-1]}, "chosen", "molecular")
     with pytest.raises(ValueError, match="not a list of token ids"):
         dpo.sampled_ids({**pair, "chosen_ids": [-3]}, "chosen", "molecular")
+
+
+# --- upstream runs -----------------------------------------------------------------------
+def test_ensure_run_builds_once_and_other_processes_wait(tmp_path, monkeypatch):
+    """Process 0 (the only one in a single-process run) builds a missing run once; a finished run
+    is returned as is; any other process waits for process 0's done.json and never builds."""
+    import subprocess
+    import types
+
+    from molgen.lm import policy
+
+    w, calls = tmp_path / "pre", []
+
+    def build(cmd, check, env, code=0):
+        calls.append((cmd, env))
+        if not code:
+            w.mkdir()
+            (w / "done.json").write_text("{}")
+        return subprocess.CompletedProcess(cmd, code)
+
+    monkeypatch.setattr(policy.subprocess, "run", build)
+    assert policy.ensure_run(str(w), "experiments/x.py", ("--config.a=1",)) == str(w)
+    cmd, env = calls[0]
+    assert cmd[1:] == ["-m", "molgen.main", "--config=experiments/x.py", f"--workdir={w}", "--config.a=1"]
+    assert env is None  # single process: the build inherits the environment as before
+    assert policy.ensure_run(str(w), "experiments/x.py") == str(w) and len(calls) == 1  # finished: not rebuilt
+    monkeypatch.setattr(policy.subprocess, "run", lambda cmd, check, env: build(cmd, check, env, code=3))
+    with pytest.raises(RuntimeError, match="exit 3"):
+        policy.ensure_run(str(tmp_path / "bad"), "experiments/x.py")
+    with pytest.raises(FileNotFoundError, match="no experiment"):
+        policy.ensure_run(str(tmp_path / "bad"), "")
+    # process 0 of two: the build runs as a process of its own (no launch variables)
+    monkeypatch.setattr(policy.jax, "process_count", lambda: 2)
+    monkeypatch.setenv("MOLGEN_COORDINATOR", "127.0.0.1:1234")
+    w = tmp_path / "pre2"
+    monkeypatch.setattr(policy.subprocess, "run", build)
+    policy.ensure_run(str(w), "experiments/x.py")
+    assert "MOLGEN_COORDINATOR" not in calls[-1][1] and "PATH" in calls[-1][1]
+    # process 1 of two: waits (here done.json appears during the first sleep), then times out clearly
+    monkeypatch.setattr(policy.jax, "process_index", lambda: 1)
+    monkeypatch.setattr(policy.subprocess, "run", None)  # never called
+    w = tmp_path / "pre3"
+    w.mkdir()
+    fake_time = types.SimpleNamespace(monotonic=policy.time.monotonic, sleep=lambda s: (w / "done.json").write_text(""))
+    monkeypatch.setattr(policy, "time", fake_time)
+    assert policy.ensure_run(str(w), "experiments/x.py") == str(w)
+    fake_time.sleep = lambda s: None
+    with pytest.raises(TimeoutError, match="waiting for process 0"):
+        policy.ensure_run(str(tmp_path / "bad"), "experiments/x.py", wait_s=0.05)

@@ -8,6 +8,10 @@ first when it has not finished). Pairs (`config.data`):
   `{prompt, chosen, rejected}` JSONL) or "hh" (Anthropic-HH), tokenised with the policy's codec
   ("bytes" for text).
 
+`dpo.loss` "ipo" with `dpo.ipo_normalize` (default True, experiments/lm_dpo.py) forms the
+margin from mean token log-probs (TRL's `ipo`; losses.dpo_margin) for the loss, accuracy, logged
+margins and beta controllers; False: summed log-probs, as the other losses. Held-out win rates
+always use summed log-probs.
 `dpo.beta_mode`: "fixed" (dpo.beta); "risk" (losses.RiskBeta, updated on the host from the
 step's global margins; the new beta applies from the next step); "beta_dpo" (losses.
 beta_dpo_select inside the step on the all-gathered margins). The controller state (beta,
@@ -202,7 +206,8 @@ def dpo_loss_fn(model: Qwen3, config):
                 sums["ref_" + side] = (rlp * m).sum(-1)
             else:
                 sums["ref_" + side] = batch["ref_" + side]
-        margin = losses.dpo_margin(sums["c_"], sums["r_"], sums["ref_c_"], sums["ref_r_"])
+        counts = (n_tok["c_"], n_tok["r_"]) if dc.loss == "ipo" and dc.ipo_normalize else ()
+        margin = losses.dpo_margin(sums["c_"], sums["r_"], sums["ref_c_"], sums["ref_r_"], *counts)
         state = {}
         if dc.beta_mode == "beta_dpo":
             gap_all = jax.lax.all_gather(jax.lax.stop_gradient(margin), AXIS, tiled=True)
@@ -287,14 +292,10 @@ def plot_beta(workdirs: list[str], out) -> bool:
 # --- family entry ------------------------------------------------------------------------
 def train_and_evaluate(config, workdir: str):
     from molgen.lm import data as lm_data
-    from molgen.lm.pretrain import init_params
 
     mesh = make_mesh(config.mesh.num_devices)
-    pdir = policy_lib.ensure_run(config.policy.workdir, config.policy.build_config)
-    pol = policy_lib.load_policy(pdir)
-    policy_lib.write_policy(workdir, pol.model, pol.positions, pol.codec)
+    pol, ref_params = policy_lib.load_upstream(config, workdir)
     model = Qwen3(pol.model)
-    ref_params = policy_lib.load_params(pol, jax.eval_shape(lambda: init_params(pol.model, 0)))
     train_path, held_path, fmt = pair_files(config)
     counts: dict = {}
     train_rows = pair_rows(rollouts.load_pairs(train_path, fmt, counts), pol, config.data.max_len, train_path)

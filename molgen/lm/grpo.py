@@ -75,14 +75,11 @@ def build_rows(groups, ids, adv_PxG, max_len: int, pos_mode: str) -> tuple[dict,
 
 
 def train_and_evaluate(config, workdir: str):
-    from molgen.lm.pretrain import build_data, init_params
+    from molgen.lm.pretrain import build_data
 
     mesh = make_mesh(config.mesh.num_devices)
-    pdir = policy_lib.ensure_run(config.policy.workdir, config.policy.build_config)
-    pol = policy_lib.load_policy(pdir)
-    policy_lib.write_policy(workdir, pol.model, pol.positions, pol.codec)
+    pol, params0 = policy_lib.load_upstream(config, workdir)
     model = Qwen3(pol.model)
-    params0 = policy_lib.load_params(pol, jax.eval_shape(lambda: init_params(pol.model, 0)))
     source = build_data(config).as_data_source()
     train_groups = rollouts.molecule_groups(source["train"])
     held = rollouts.molecule_groups(source["test"], config.eval.num_molecules)

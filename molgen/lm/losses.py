@@ -16,7 +16,10 @@ GRPO (as in TRL):
 
 DPO: margin M = (logpi(y_w) - logpi(y_l)) - (logref(y_w) - logref(y_l)) of summed token
 log-probs; losses sigmoid -log s(beta M), ipo (M - 1/(2 beta))^2, hinge max(0, 1 - beta M),
-robust (label-noise robust, Chowdhury et al. 2024) with label smoothing eps.
+robust (label-noise robust, Chowdhury et al. 2024) with label smoothing eps. Given token counts,
+`dpo_margin` uses each completion's mean token log-prob instead of the sum (TRL's `ipo`, which
+divides policy and reference log-probs by the completion's token count; lm_dpo's
+`dpo.ipo_normalize`).
 The risk/quantile controller (`RiskBeta`) and beta-DPO's batch rule (`beta_dpo_select`).
 """
 
@@ -98,8 +101,13 @@ def grpo_loss(
     return loss_sum, weight, stats
 
 
-def dpo_margin(pol_chosen, pol_rejected, ref_chosen, ref_rejected):
-    return (pol_chosen - pol_rejected) - (ref_chosen - ref_rejected)
+def dpo_margin(pol_chosen, pol_rejected, ref_chosen, ref_rejected, n_chosen=None, n_rejected=None):
+    """M from summed completion log-probs; with the token counts n_chosen / n_rejected, from
+    mean token log-probs (policy and reference divided by the same count, as TRL's `ipo`)."""
+    if n_chosen is None:
+        return (pol_chosen - pol_rejected) - (ref_chosen - ref_rejected)
+    c, r = jnp.maximum(n_chosen, 1.0), jnp.maximum(n_rejected, 1.0)
+    return (pol_chosen - ref_chosen) / c - (pol_rejected - ref_rejected) / r
 
 
 def dpo_loss(margin, beta, loss_type: str = "sigmoid", label_smoothing: float = 0.0):

@@ -339,13 +339,10 @@ def train_and_evaluate(config, workdir: str):
     from molgen.core import loop
     from molgen.lm import data as lm_data
     from molgen.lm import policy as policy_lib
-    from molgen.lm.pretrain import init_params
 
     if config.pairs.mode not in PAIR_MODES:
         raise ValueError(f"pairs.mode={config.pairs.mode!r} is not one of {PAIR_MODES}")
-    pdir = policy_lib.ensure_run(config.policy.workdir, config.policy.build_config)
-    pol = policy_lib.load_policy(pdir)
-    params = policy_lib.load_params(pol, jax.eval_shape(lambda: init_params(pol.model, 0)))
+    pol, params = policy_lib.load_upstream(config)  # a rollouts run is not a policy: nothing recorded
     if jax.process_index() != 0:
         return None
     w = pathlib.Path(workdir)
@@ -367,7 +364,7 @@ def train_and_evaluate(config, workdir: str):
         log.info("sampled %d / %d candidates", len(rows), len(prompts))
     write_jsonl(w / "rollouts.jsonl", rows)
     manifest = {
-        "policy": pdir,
+        "policy": pol.workdir,
         "model": policy_lib.dataclasses.asdict(pol.model),
         "positions": pol.positions,
         "sampling": rc.to_dict(),

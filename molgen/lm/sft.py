@@ -40,18 +40,17 @@ def sft_loss(model: Qwen3):
     return loss_fn
 
 
-def start_policy(config) -> tuple[policy_lib.Policy, dict | None]:
-    """The starting policy (built if needed) and its parameters; a fresh model when
-    `policy.workdir` is empty (e.g. a byte-level model trained from scratch)."""
+def start_policy(config, workdir: str) -> tuple[policy_lib.Policy, dict]:
+    """The starting policy (built if needed) and its parameters, recorded in `workdir`; a fresh
+    model when `policy.workdir` is empty (e.g. a byte-level model trained from scratch)."""
     from molgen.lm.pretrain import init_params
 
-    if not config.policy.workdir:
-        model_cfg = Qwen3Config.from_config(config.model)
-        pol = policy_lib.Policy("", model_cfg, "sequential", sequences.check_codec(config.data.codec))
-        return pol, init_params(model_cfg, config.train.seed)
-    pdir = policy_lib.ensure_run(config.policy.workdir, config.policy.build_config)
-    pol = policy_lib.load_policy(pdir)
-    return pol, policy_lib.load_params(pol, jax.eval_shape(lambda: init_params(pol.model, 0)))
+    if config.policy.workdir:
+        return policy_lib.load_upstream(config, workdir)
+    model_cfg = Qwen3Config.from_config(config.model)
+    pol = policy_lib.Policy("", model_cfg, "sequential", sequences.check_codec(config.data.codec))
+    policy_lib.write_policy(workdir, pol.model, pol.positions, pol.codec)
+    return pol, init_params(model_cfg, config.train.seed)
 
 
 def examples(config, pol: policy_lib.Policy, split: str):
@@ -99,8 +98,7 @@ def rows(pairs, max_len: int, pos_mode: str) -> list[dict]:
 
 def train_and_evaluate(config, workdir: str):
     mesh = make_mesh(config.mesh.num_devices)
-    pol, params = start_policy(config)
-    policy_lib.write_policy(workdir, pol.model, pol.positions, pol.codec)
+    pol, params = start_policy(config, workdir)
     model = Qwen3(pol.model)
     dc, tc = config.data, config.train
     train_ex, source = examples(config, pol, "train")
