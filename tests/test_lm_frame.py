@@ -171,7 +171,7 @@ def test_pipeline_applies_the_knobs_and_checks_them(real_units):
     tokens, seg = row["tokens"][0], row["segment_ids"][0]
     first = T.decode(tokens[seg == 1])
     assert first == E.unit_text(source[0]["smiles"], E.reframe(source[0]["enriched"], "principal", 2))
-    assert lm_data._tokenize(source[0], 512, "sequential")["tokens"].tolist() == [
+    assert lm_data._tokenize(source[0], "sequential")["tokens"].tolist() == [
         *T.encode(E.unit_text(source[0]["smiles"], source[0]["enriched"])), T.EOT_ID]  # fmt: skip
     cfg = ml_collections.ConfigDict(dict(seq_len=8))
     assert lm_data.data_knobs(cfg) == ("raw", 4)  # a config written before the fields
@@ -184,16 +184,37 @@ def test_pipeline_applies_the_knobs_and_checks_them(real_units):
         lm_data.pipeline(source, global_batch=2, seq_len=64, seed=0, streams=[0], n_streams=1, decimals=5)
 
 
-def test_experiment_configs_default_to_raw_4_and_accept_overrides():
+def test_experiment_configs_inherit_one_frame_and_accept_overrides():
     import experiments.lm_pretrain_moses as pretrain_moses
     import experiments.lm_sft as lm_sft
     import experiments.lm_tiny as lm_tiny
 
+    # every LM experiment inherits the quickstart's choice, so a post-training run reads its
+    # pretraining model's text format
     for cfg in (lm_tiny.get_config(), pretrain_moses.get_config("gpu_06b"), lm_sft.get_config("tiny")):
-        assert (cfg.data.frame, cfg.data.decimals) == ("raw", 4)
-        assert lm_data.data_knobs(cfg.data) == ("raw", 4)
+        assert (cfg.data.frame, cfg.data.decimals) == ("principal", 2)
     cfg = lm_tiny.get_config()
-    cfg.data.frame, cfg.data.decimals = "principal", 2  # what --config.data.frame=principal ... sets
-    assert lm_data.data_knobs(cfg.data) == ("principal", 2)
+    cfg.data.frame, cfg.data.decimals = "raw", 4  # what --config.data.frame=raw --config.data.decimals=4 sets
+    assert lm_data.data_knobs(cfg.data) == ("raw", 4)
     with pytest.raises(TypeError):
         cfg.data.decimals = "two"  # ml_collections keeps the int type of the default
+
+
+def test_units_longer_than_a_row_are_skipped_and_counted_not_cut(real_units):
+    source = [{"smiles": smi, "enriched": enr, "mol_index": i} for i, (_, smi, enr) in enumerate(real_units)]
+    lengths = [len(T.encode(E.unit_text(x["smiles"], x["enriched"]))) + 1 for x in source]
+    seq_len = sorted(lengths)[len(lengths) // 2]  # about half the units do not fit
+    long_ones = [x["mol_index"] for x, n in zip(source, lengths, strict=True) if n > seq_len]
+    assert 0 < len(long_ones) < len(source)
+    assert lm_data.overlong(source, seq_len) == long_ones
+    rows = lm_data.pipeline(source, global_batch=1, seq_len=seq_len, seed=0, streams=[0], n_streams=1, train=False,
+                            packing_bins=1)  # fmt: skip
+    seen = []
+    for row, _ in zip(rows, range(len(source)), strict=False):
+        toks, seg = row["tokens"][0], row["segment_ids"][0]
+        for s in set(seg[seg > 0].tolist()):
+            text = T.decode(toks[seg == s])
+            assert text.endswith("[/CONFORMER]"), text[-40:]  # whole units only
+            seen.append(text)
+    fits = {E.unit_text(x["smiles"], x["enriched"]) for x, n in zip(source, lengths, strict=True) if n <= seq_len}
+    assert set(seen) == fits

@@ -181,15 +181,27 @@ def unit_text(ex, frame: str = "raw", decimals: int = 4) -> str:
     return enriched.unit_text(as_str(ex["smiles"]), enriched.reframe(as_str(ex["enriched"]), frame, decimals))
 
 
-def _tokenize(ex, seq_len: int, pos_mode: str, frame: str = "raw", decimals: int = 4):
+def _tokenize(ex, pos_mode: str, frame: str = "raw", decimals: int = 4):
     text = unit_text(ex, frame, decimals)
-    ids = np.concatenate([tokenizer.encode(text), [tokenizer.EOT_ID]]).astype(np.int32)[:seq_len]
+    ids = np.concatenate([tokenizer.encode(text), [tokenizer.EOT_ID]]).astype(np.int32)
     return {"tokens": ids, "positions": tokenizer.positions(ids, pos_mode)}
+
+
+def overlong(source, seq_len: int, frame: str = "raw", decimals: int = 4) -> list[int]:
+    """mol_index of the units of `source` longer than `seq_len` tokens (with <eot>): the pipeline
+    skips them instead of cutting them, and the run reports them (`data_report.json`)."""
+    out = []
+    for i in range(len(source)):
+        ex = source[i]
+        if len(tokenizer.encode(unit_text(ex, frame, decimals))) + 1 > seq_len:
+            out.append(int(ex["mol_index"]))
+    return out
 
 
 def _stream(source, stream, n_streams, rows, seq_len, seed, train, bins, pos_mode, frame="raw", decimals=4):
     ds = streams_lib.device_stream(source, stream, n_streams, seed, train)
-    ds = ds.map(lambda ex: _tokenize(ex, seq_len, pos_mode, frame, decimals))
+    ds = ds.map(lambda ex: _tokenize(ex, pos_mode, frame, decimals))
+    ds = ds.filter(lambda t: len(t["tokens"]) <= seq_len)  # a unit is never cut; `overlong` counts them
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=64))
     it = grain.experimental.FirstFitPackIterDataset(
         it,

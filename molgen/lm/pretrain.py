@@ -79,6 +79,15 @@ def train_and_evaluate(config, workdir: str):
         frame=frame,
         decimals=decimals,
     )
+    if jax.process_index() == 0:  # units longer than a row are skipped, never cut: count and name them
+        skipped = {s: lm_data.overlong(source[s], dc.seq_len, frame, decimals) for s in ("train", "validation")}
+        report = {"seq_len": dc.seq_len, "frame": frame, "decimals": decimals}
+        report["overlong_skipped"] = {s: {"count": len(v), "mol_index": v[:50]} for s, v in skipped.items()}
+        loop.write_json(workdir, "data_report.json", report)
+        if any(skipped.values()):
+            log.warning(
+                "skipping units longer than seq_len=%d: %s", dc.seq_len, {s: len(v) for s, v in skipped.items()}
+            )
     train = lm_data.pipeline(source["train"], seed=tc.seed, **common)
     params = init_params(model_cfg, tc.seed)
     log.info("model %s: %.2fM parameters", config.model.preset, count_params(params) / 1e6)
