@@ -1,7 +1,7 @@
 """Pretraining on MOSES 3D units with the reference recipe's WSDS schedule and AdamW.
 
 Variants (`--config=experiments/lm_pretrain_moses.py:VARIANT`):
-  cpu      (default) ~40 min on a 2-core CPU: 3.7M model, 8000 molecules, 1800 steps,
+  cpu      (default) ~25 min on a 2-core CPU: 3.7M model, 8000 molecules, 1800 steps,
            WSDS with a decay before each of the two checkpoint boundaries.
       python -m molgen.main --config=experiments/lm_pretrain_moses.py --workdir=runs/lm_pretrain
   cpu_long hours on a CPU: 6-layer model, 40000 molecules, 6000 steps.
