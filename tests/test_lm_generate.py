@@ -8,6 +8,7 @@ import sys
 
 import pytest
 from rdkit import Chem
+from rdkit.Chem import AllChem
 
 from molgen.chem import conformers, enriched
 from molgen.lm import generate as gen
@@ -187,3 +188,17 @@ def test_cli_bad_flags_and_files_exit_nonzero_naming_them(tmp_path, tiny_run):
     assert res.returncode != 0 and "no model_config.json" in res.stderr
     res = _generate(f"--workdir={tiny_run}", "--smiles=CCO", "--relax=amber", timeout=120)
     assert res.returncode != 0 and "relax" in res.stderr
+
+
+def test_mmff_failure_on_a_sampled_geometry_is_counted_not_raised():
+    # a conformer the quickstart model wrote (moses_test_1) on which RDKit's MMFF BFGS raises
+    # "Invariant Violation: bad direction in linearSearch"
+    mol = Chem.MolFromMolFile(str(ROOT / "tests" / "data" / "mmff_bfgs_failure.mol"))
+    h = Chem.AddHs(mol, addCoords=True)
+    with pytest.raises(RuntimeError, match="Invariant"):
+        AllChem.MMFFOptimizeMolecule(h, maxIters=500)
+    assert gen.mmff_relax(mol) is None
+    smi = Chem.MolToSmiles(mol)
+    text = enriched.unit_text(smi, enriched.encode(mol)[1])
+    records, _, sdf_mmff = gen.collect([gen.prepare(gen.Molecule("m", smi), 512)], [text], 1, 0.75, relax="mmff")
+    assert records[0]["valid"] == 1 and records[0]["mmff"] == {"valid": 0, "failed": 1} and sdf_mmff == []

@@ -202,11 +202,18 @@ def run_settings(run: pathlib.Path) -> dict:
 # ----------------------------------------------------------------------------- scoring
 def mmff_relax(mol: Chem.Mol, max_iters: int = 500) -> Chem.Mol | None:
     """MMFF94 relaxation of a heavy-atom conformer (hydrogens placed first); None if MMFF
-    cannot type the molecule or the result is not finite."""
+    cannot type the molecule, its optimiser fails on the start geometry, or the result is not
+    finite (counted as `failed` under "mmff")."""
     h = Chem.AddHs(mol, addCoords=True)
     if not AllChem.MMFFHasAllMoleculeParams(h):
         return None
-    AllChem.MMFFOptimizeMolecule(h, maxIters=max_iters)
+    RDLogger.DisableLog("rdApp.*")  # a failure below prints a C++ stack trace per conformer
+    try:
+        AllChem.MMFFOptimizeMolecule(h, maxIters=max_iters)
+    except RuntimeError:  # RDKit's BFGS raises ("bad direction in linearSearch") on some sampled geometries
+        return None
+    finally:
+        RDLogger.EnableLog("rdApp.*")
     out = Chem.RemoveHs(h)
     return out if np.isfinite(out.GetConformer().GetPositions()).all() else None
 
