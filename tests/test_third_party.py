@@ -1,4 +1,5 @@
-"""A clone stands alone: shipped data matches its SOURCE.md checksums, and no code names `../shared`."""
+"""A clone stands alone: shipped data matches its SOURCE.md checksums, and no code names the
+workspace folder beside the checkout (a user's clone has none)."""
 
 import hashlib
 import pathlib
@@ -9,9 +10,11 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = ROOT / "third_party" / "data"
 SCANNED = ("molgen", "configs", "experiments", "tests", "scripts", "benchmarks", "launch")
-# "../shared", "..\shared", or a path built from the parent folder and the word "shared"
+# the sibling folder WORD written as a relative path (dot-dot, a slash or backslash, WORD), or
+# built from the parent folder and WORD; the test strings below are assembled the same way
+WORD = "sha" + "red"
 OUTSIDE = re.compile(
-    r"\.\.[/\\]shared\b|parent\s*/\s*[\"']shared[\"']|[\"']\.\.[\"']\s*,\s*[\"']\.\.[\"']\s*,\s*[\"']shared[\"']"
+    rf"\.\.[/\\]{WORD}\b|parent\s*/\s*[\"']{WORD}[\"']|[\"']\.\.[\"']\s*,\s*[\"']\.\.[\"']\s*,\s*[\"']{WORD}[\"']"
 )
 
 
@@ -36,7 +39,7 @@ def test_shipped_data_matches_source_md(folder):
         )
 
 
-def test_no_file_names_the_workspace_shared_folder():
+def test_no_file_names_the_workspace_folder_beside_the_checkout():
     files = [ROOT / "README.md", *(p for top in SCANNED for p in (ROOT / top).rglob("*") if p.is_file())]
     offenders = [
         f"{path.relative_to(ROOT)}:{i}: {line.strip()}"
@@ -51,7 +54,7 @@ def test_no_file_names_the_workspace_shared_folder():
 
 def test_outside_pattern_catches_the_old_forms():
     # the forms the crystal config and tests used before the data moved into third_party/
-    assert OUTSIDE.search('MP20 = ROOT.parent / "shared" / "data"')
-    assert OUTSIDE.search('os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")')
-    assert OUTSIDE.search("see ../shared/REFERENCE.md")
-    assert not OUTSIDE.search("the shared loop in seed_<k>/")
+    assert OUTSIDE.search(f'MP20 = ROOT.parent / "{WORD}" / "data"')
+    assert OUTSIDE.search(f'os.path.join(os.path.dirname(__file__), "..", "..", "{WORD}", "data")')
+    assert OUTSIDE.search(f"see ../{WORD}/REFERENCE.md")
+    assert not OUTSIDE.search(f"the {WORD} loop in seed_<k>/")

@@ -42,7 +42,7 @@ import time
 
 import h5py
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from molgen.cg import analysis, data, export, md, mdcath, simulate, train
 from molgen.core import cli
@@ -182,15 +182,10 @@ def _flags(fv):
 
 
 def _cli(a, argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)  # absl set one up
     temps = [int(t) for t in a.temperatures]
-    try:
-        run_round(a.model_workdir, a.out, temps, a.steps, configs=a.configs, samples=a.samples,
-                  equilibration_steps=a.equilibration_steps, seed=a.seed)  # fmt: skip
-    except FileNotFoundError as e:  # e.g. not a finished CG run: one line, not a traceback
-        raise SystemExit(f"molgen.cg.active: {e}") from None
+    run_round(a.model_workdir, a.out, temps, a.steps, configs=a.configs, samples=a.samples,
+              equilibration_steps=a.equilibration_steps, seed=a.seed)  # fmt: skip
 
 
 def main(argv=None):

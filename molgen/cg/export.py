@@ -31,8 +31,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
-from absl import logging as absl_logging
+from absl import flags
 
 from molgen.core import cli
 
@@ -273,13 +272,7 @@ def _flags(fv):
 
 
 def _cli(a, argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    absl_logging.set_verbosity(absl_logging.WARNING)  # app.run sets INFO: orbax chatter (as molgen.main)
-    try:
-        print(write(a.workdir, a.out, tuple(a.platforms)))
-    except FileNotFoundError as e:  # not a finished CG run: one line, not a traceback
-        raise SystemExit(f"molgen.cg.export: {e}") from None
+    print(write(a.workdir, a.out, tuple(a.platforms)))
 
 
 def main(argv=None):

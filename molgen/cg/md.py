@@ -28,8 +28,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
-from absl import logging as absl_logging
+from absl import flags
 from jax_md import partition, simulate, space
 
 from molgen.cg import export, lammps, neighbors, priors, train
@@ -200,14 +199,7 @@ def _flags(fv):
 
 
 def _cli(a, argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    absl_logging.set_verbosity(absl_logging.WARNING)  # app.run sets INFO: orbax chatter (as molgen.main)
-    try:
-        out = nve_check(a.workdir, a.steps, a.dt, seed=a.seed)
-    except FileNotFoundError as e:  # not a finished CG run: one line, not a traceback
-        raise SystemExit(f"molgen.cg.md: {e}") from None
-    print(json.dumps(out, indent=2))
+    print(json.dumps(nve_check(a.workdir, a.steps, a.dt, seed=a.seed), indent=2))
 
 
 def main(argv=None):

@@ -25,7 +25,7 @@ import time
 import zlib
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from molgen.cg import mdcath
 from molgen.core import cli
@@ -357,15 +357,10 @@ def _flags(fv):
 
 
 def _cli(a, argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)  # absl set one up
     temps = [int(t) for t in a.temperatures]
-    try:
-        produce(a.out, a.pdb, a.domain, temps, a.replicas, a.frames, a.steps_per_frame, a.equilibration_steps,
-                seed=a.seed)  # fmt: skip
-    except FileNotFoundError as e:  # e.g. a missing --pdb: one line, not a traceback
-        raise SystemExit(f"molgen.cg.simulate: {e}") from None
+    produce(a.out, a.pdb, a.domain, temps, a.replicas, a.frames, a.steps_per_frame, a.equilibration_steps,
+            seed=a.seed)  # fmt: skip
 
 
 def main(argv=None):

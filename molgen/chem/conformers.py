@@ -91,6 +91,16 @@ def judge_texts(smiles: str, ref: Chem.Mol, texts: list[str]) -> tuple[list, lis
     return mols, reasons, d
 
 
+def score_ensemble(gens: list[Chem.Mol], ref: Chem.Mol, delta: float) -> tuple[list[float], dict]:
+    """(RMSD of each conformer to its nearest reference conformer, {n_ref, COV/MAT-R/P, best_rmsd})
+    of a set of conformers of one molecule against its reference ensemble."""
+    d = rmsd_matrix(gens, ref) if gens else np.zeros((0, ref.GetNumConformers()))
+    nearest = [float(np.nanmin(row)) if np.isfinite(row).any() else float("nan") for row in d]
+    metrics = {"n_ref": ref.GetNumConformers(), **coverage_matching(d, delta)}
+    metrics["best_rmsd"] = float(np.nanmin(nearest)) if np.isfinite(nearest).any() else None
+    return nearest, metrics
+
+
 def rdkit_baseline(smiles: str, ref: Chem.Mol, n: int, seed: int, delta: float) -> dict[str, dict]:
     """The classical baseline for one molecule: `n` RDKit ETKDGv3 conformers drawn with `seed`
     (give one the references were not drawn with), scored against `ref` raw and after MMFF94:
@@ -103,9 +113,7 @@ def rdkit_baseline(smiles: str, ref: Chem.Mol, n: int, seed: int, delta: float) 
             out[key] = {"n_valid": 0, "error": str(e), **coverage_matching(np.zeros((0, 1)), delta)}
             continue
         gens = [Chem.Mol(emb, confId=c.GetId()) for c in emb.GetConformers()]
-        d = rmsd_matrix(gens, ref)
-        out[key] = {"n_valid": len(gens), "n_ref": ref.GetNumConformers(), "best_rmsd": float(np.nanmin(d)),
-                    **coverage_matching(d, delta)}  # fmt: skip
+        out[key] = {"n_valid": len(gens), **score_ensemble(gens, ref, delta)[1]}
     return out
 
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from absl import app, flags
-from absl import logging as absl_logging
+from absl import flags
 
 from molgen.chem import crystal as xtal
 from molgen.core import cli
@@ -79,13 +78,7 @@ def _cli(args, argv):
     from configs.crystal import DATA_DIR
     from molgen.crystal import diffusion, metrics, train
 
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    absl_logging.set_verbosity(absl_logging.WARNING)  # app.run sets INFO: orbax chatter (as molgen.main)
-    try:
-        sampler, info = train.load_ldm(args.workdir)
-    except FileNotFoundError as e:  # not a finished LDM run: one line, not a traceback
-        raise SystemExit(f"molgen.crystal.sample: {e}") from None
+    sampler, info = train.load_ldm(args.workdir)  # not a finished LDM run: cli.run says so in one line
     cond, atoms = {}, 0
     if args.property is not None:
         if not info["cond"]["property"]:

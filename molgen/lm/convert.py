@@ -20,7 +20,6 @@ import sys
 
 import numpy as np
 from absl import app, flags
-from absl import logging as absl_logging
 
 from molgen.core import cli
 from molgen.lm.model import Qwen3Config
@@ -218,7 +217,6 @@ def _flags(fv):
 def _cli(a, argv):
     if len(argv) != 2 or argv[1] not in ("hf2molgen", "molgen2hf"):
         raise app.UsageError(f"expected one subcommand, hf2molgen or molgen2hf; got {argv[1:]}")
-    absl_logging.set_verbosity(absl_logging.WARNING)  # app.run sets INFO: orbax chatter (as molgen.main)
     try:
         if argv[1] == "hf2molgen":
             out = hf2molgen(a.src, a.dst)
@@ -231,7 +229,7 @@ def _cli(a, argv):
 
 def main(argv=None):
     """The CLI in this process: main(["molgen2hf", "--src=runs/x", "--dst=out"]); None: from the shell."""
-    cli.run("molgen.lm.convert", _flags, _cli, argv)
+    cli.run("molgen.lm.convert", _flags, _cli, argv, positional=1, errors=())  # its own messages: see _cli
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from collections import Counter
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from rdkit import Chem, RDLogger
 from rdkit.Chem import AllChem
 
@@ -219,14 +219,8 @@ def mmff_relax(mol: Chem.Mol, max_iters: int = 500) -> Chem.Mol | None:
 
 
 def score(gens: list[Chem.Mol], ref: Chem.Mol | None, delta: float) -> tuple[list[float], dict]:
-    """Per-conformer RMSD to the nearest reference conformer and the molecule's metrics."""
-    if ref is None:
-        return [], {}
-    d = conformers.rmsd_matrix(gens, ref) if gens else np.zeros((0, ref.GetNumConformers()))
-    nearest = [float(np.nanmin(row)) if np.isfinite(row).any() else float("nan") for row in d]
-    metrics = {"n_ref": ref.GetNumConformers(), **conformers.coverage_matching(d, delta)}
-    metrics["best_rmsd"] = float(np.nanmin(nearest)) if np.isfinite(nearest).any() else None
-    return nearest, metrics
+    """`conformers.score_ensemble`, or nothing for a molecule without a reference."""
+    return conformers.score_ensemble(gens, ref, delta) if ref is not None else ([], {})
 
 
 def _sdf_block(mol: Chem.Mol, props: dict) -> str:
@@ -416,8 +410,6 @@ def _flags(fv):
 
 
 def _cli(a, argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     handler = logging.StreamHandler(sys.stderr)  # progress and warnings; the results go to --out
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     log.addHandler(handler)
@@ -425,15 +417,12 @@ def _cli(a, argv):
     log.propagate = False  # absl's root handler would print every line twice
     names = ("n", "temperature", "top_p", "grammar", "seed", "relax", "drop_stereo", "baseline", "delta", "batch_size")
     kw = dict(input_path=a.input, smiles=tuple(a.smiles), **{k: getattr(a, k) for k in names})
-    try:
-        generate(a.workdir, a.out, **kw)
-    except (ValueError, FileNotFoundError) as e:  # bad flags or files: one line, not a traceback
-        sys.exit(f"molgen.lm.generate: {e}")
+    generate(a.workdir, a.out, **kw)
 
 
 def main(argv=None):
     """The CLI in this process: main(["--workdir=X", "--smiles=CCO"]); None: from the shell."""
-    cli.run("molgen.lm.generate", _flags, _cli, argv)
+    cli.run("molgen.lm.generate", _flags, _cli, argv, errors=(ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":
