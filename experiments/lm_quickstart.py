@@ -56,6 +56,8 @@ def get_config():
             delta=0.75,
             mat_cap=3.0,  # MAT (all molecules) counts a molecule with no valid sample at this RMSD (Å)
             baseline=True,  # also score RDKit ETKDGv3 (raw and + MMFF) conformers with other seeds
+            relax="mmff",  # also score the model's valid conformers after MMFF94 ("lm_mmff"); "none": skip
+            during_training=False,  # True: also sample and score at every eval_every (COV/MAT curves)
             seed=0,
         )
     )

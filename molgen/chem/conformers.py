@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 
 import numpy as np
-from rdkit import Chem
-from rdkit.Chem import rdMolAlign
+from rdkit import Chem, RDLogger
+from rdkit.Chem import AllChem, rdMolAlign
 
 from molgen.chem import enriched
 
@@ -101,6 +101,24 @@ def score_ensemble(gens: list[Chem.Mol], ref: Chem.Mol, delta: float) -> tuple[l
     return nearest, metrics
 
 
+def mmff_relax(mol: Chem.Mol, max_iters: int = 500) -> Chem.Mol | None:
+    """MMFF94 relaxation of a heavy-atom conformer (hydrogens placed first); None if MMFF
+    cannot type the molecule, its optimiser fails on the start geometry, or the result is not
+    finite (counted as `failed` under "mmff")."""
+    h = Chem.AddHs(mol, addCoords=True)
+    if not AllChem.MMFFHasAllMoleculeParams(h):
+        return None
+    RDLogger.DisableLog("rdApp.*")  # a failure below prints a C++ stack trace per conformer
+    try:
+        AllChem.MMFFOptimizeMolecule(h, maxIters=max_iters)
+    except RuntimeError:  # RDKit's BFGS raises ("bad direction in linearSearch") on some sampled geometries
+        return None
+    finally:
+        RDLogger.EnableLog("rdApp.*")
+    out = Chem.RemoveHs(h)
+    return out if np.isfinite(out.GetConformer().GetPositions()).all() else None
+
+
 def rdkit_baseline(smiles: str, ref: Chem.Mol, n: int, seed: int, delta: float) -> dict[str, dict]:
     """The classical baseline for one molecule: `n` RDKit ETKDGv3 conformers drawn with `seed`
     (give one the references were not drawn with), scored against `ref` raw and after MMFF94:
@@ -118,8 +136,9 @@ def rdkit_baseline(smiles: str, ref: Chem.Mol, n: int, seed: int, delta: float) 
 
 
 def score_molecule(job):
-    """Pool worker: (smiles, [reference enriched], [generated texts], delta[, baseline seed]) ->
-    per-molecule record; with a baseline seed it also holds `rdkit_baseline`'s two entries."""
+    """Pool worker: (smiles, [reference enriched], [generated texts], delta[, baseline seed or None
+    [, relax]]) -> per-molecule record; with a baseline seed it also holds `rdkit_baseline`'s two
+    entries, and with relax="mmff" the model's valid conformers after MMFF94 under "lm_mmff"."""
     smiles, refs, texts, delta, *rest = job
     ref = reference_mol(refs)
     mols, why, d = judge_texts(smiles, ref, texts)
@@ -135,4 +154,8 @@ def score_molecule(job):
     rec["valid_sdf"] = [Chem.MolToMolBlock(g) for g in gens]
     if rest and rest[0] is not None:
         rec.update(rdkit_baseline(smiles, ref, len(texts), rest[0], delta))
+    if len(rest) > 1 and rest[1] == "mmff":  # the model's valid conformers after MMFF94, as the baseline's
+        relaxed = [r for r in (mmff_relax(g) for g in gens) if r is not None]
+        rec["lm_mmff"] = {"n_valid": len(relaxed), "failed": len(gens) - len(relaxed)}
+        rec["lm_mmff"].update(score_ensemble(relaxed, ref, delta)[1])
     return rec

@@ -5,7 +5,8 @@ test split (M of them); the model samples `samples_per_ref * M` conformers from 
 prompt `[SMILES]...[/SMILES][CONFORMER]`. Written to `workdir/eval/`:
 `conformers.json` (validity, RMSD, COV/MAT per molecule and overall, and with `eval.baseline`
 the same for RDKit ETKDGv3 conformers drawn with other seeds, raw and MMFF-relaxed, as many per
-molecule as the model samples), `samples.sdf` (valid generated conformers) and plots.
+molecule as the model samples; with `eval.relax="mmff"` also for the model's own valid conformers
+after MMFF94, "lm_mmff"), `samples.sdf` (valid generated conformers) and plots.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ def _plots(records, out: pathlib.Path, delta: float):
     plt.close(fig)
 
 
-def evaluate(config, workdir: str, model_cfg, params, test_source) -> dict:
-    """Sample, score and write results; returns the summary (process 0 does the work)."""
+def evaluate(config, workdir: str, model_cfg, params, test_source, subdir: str = "eval") -> dict:
+    """Sample, score and write results to `workdir/subdir`; returns the summary (process 0 does the work)."""
     ec = config.eval
     by_mol: dict[int, dict] = {}
     for i in range(len(test_source)):
@@ -83,13 +84,20 @@ def evaluate(config, workdir: str, model_cfg, params, test_source) -> dict:
         per_mol[k].append(t)
     # the RDKit baseline draws with seeds the references were not built with (data seeds are small)
     jobs = [
-        (rec["smiles"], rec["refs"], per_mol[k], ec.delta, 1_000_003 + 7919 * idx + ec.seed if ec.baseline else None)
+        (
+            rec["smiles"],
+            rec["refs"],
+            per_mol[k],
+            ec.delta,
+            1_000_003 + 7919 * idx + ec.seed if ec.baseline else None,
+            ec.get("relax", "none"),
+        )
         for k, (idx, rec) in enumerate(mols)
     ]
     with mp.get_context("spawn").Pool(max(1, config.data.workers)) as pool:
         records = pool.map(conformers.score_molecule, jobs, chunksize=1)
     summary = summarize(records, ec.delta, ec.mat_cap)
-    out = pathlib.Path(workdir) / "eval"
+    out = pathlib.Path(workdir) / subdir
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "samples.sdf", "w") as f:
         for r in records:
@@ -123,7 +131,8 @@ def _mean(xs) -> float:
 
 def summarize(records, delta: float, mat_cap: float = 3.0) -> dict:
     """Totals and aggregates of `score_molecule` records; with the RDKit baseline in the records,
-    the same aggregates for it under "rdkit_etkdg" and "rdkit_etkdg_mmff"."""
+    the same aggregates for it under "rdkit_etkdg" and "rdkit_etkdg_mmff", and with `eval.relax`,
+    for the model's conformers after MMFF94 under "lm_mmff"."""
     n_gen = sum(r["n_gen"] for r in records)
     n_valid = sum(r["n_valid"] for r in records)
     rmsd = np.concatenate([r["min_rmsd"] for r in records if r["min_rmsd"]] or [np.zeros(0)])
@@ -137,7 +146,7 @@ def summarize(records, delta: float, mat_cap: float = 3.0) -> dict:
         "delta": delta,
         "mat_cap": mat_cap,
     }
-    for key in ("rdkit_etkdg", "rdkit_etkdg_mmff"):
+    for key in ("lm_mmff", "rdkit_etkdg", "rdkit_etkdg_mmff"):
         if records and all(key in r for r in records):
             out[key] = _aggregate([r[key] for r in records], delta, mat_cap)
     return out

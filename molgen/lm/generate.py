@@ -38,7 +38,6 @@ import jax
 import numpy as np
 from absl import flags
 from rdkit import Chem, RDLogger
-from rdkit.Chem import AllChem
 
 from molgen.chem import conformers, enriched
 from molgen.core import cli
@@ -200,24 +199,6 @@ def run_settings(run: pathlib.Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- scoring
-def mmff_relax(mol: Chem.Mol, max_iters: int = 500) -> Chem.Mol | None:
-    """MMFF94 relaxation of a heavy-atom conformer (hydrogens placed first); None if MMFF
-    cannot type the molecule, its optimiser fails on the start geometry, or the result is not
-    finite (counted as `failed` under "mmff")."""
-    h = Chem.AddHs(mol, addCoords=True)
-    if not AllChem.MMFFHasAllMoleculeParams(h):
-        return None
-    RDLogger.DisableLog("rdApp.*")  # a failure below prints a C++ stack trace per conformer
-    try:
-        AllChem.MMFFOptimizeMolecule(h, maxIters=max_iters)
-    except RuntimeError:  # RDKit's BFGS raises ("bad direction in linearSearch") on some sampled geometries
-        return None
-    finally:
-        RDLogger.EnableLog("rdApp.*")
-    out = Chem.RemoveHs(h)
-    return out if np.isfinite(out.GetConformer().GetPositions()).all() else None
-
-
 def score(gens: list[Chem.Mol], ref: Chem.Mol | None, delta: float) -> tuple[list[float], dict]:
     """`conformers.score_ensemble`, or nothing for a molecule without a reference."""
     return conformers.score_ensemble(gens, ref, delta) if ref is not None else ([], {})
@@ -290,7 +271,7 @@ def collect(mols: list[Molecule], texts: list[str], n: int, delta: float, relax:
             props = {"input_id": m.id, "sample_index": i, "smiles": m.smiles}
             sdf.append(_sdf_block(g, {**props, **({"rmsd": rmsd[j]} if rmsd else {})}))
         if relax == "mmff":
-            relaxed = [(mmff_relax(g), i) for g, i in zip(gens, idx, strict=True)]
+            relaxed = [(conformers.mmff_relax(g), i) for g, i in zip(gens, idx, strict=True)]
             ok = [(g, i) for g, i in relaxed if g is not None]
             r_rmsd, r_metrics = score([g for g, _ in ok], m.ref, delta)
             rec["mmff"] = dict(valid=len(ok), failed=len(gens) - len(ok), **r_metrics)

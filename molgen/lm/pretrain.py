@@ -103,7 +103,14 @@ def train_and_evaluate(config, workdir: str):
                 if k != "weight":
                     sums[k] = sums.get(k, 0.0) + float(v) * float(m["weight"])
             weight += float(m["weight"])
-        return {k: v / max(weight, 1.0) for k, v in sums.items()}
+        out = {k: v / max(weight, 1.0) for k, v in sums.items()}
+        if config.eval.get("during_training", False) and config.eval.num_molecules > 0 and step < tc.steps:
+            # the conformer metrics against steps (the final step is evaluated below, with the baseline)
+            cfg = config.copy_and_resolve_references()
+            cfg.eval.baseline, cfg.eval.relax = False, "none"
+            res = evaluate.evaluate(cfg, workdir, model_cfg, jax.device_get(params), source["test"], f"eval/step_{step}")
+            out.update({k: res[k] for k in ("validity", "cov_r", "mat_r", "mat_r_valid", "cov_p", "mat_p") if k in res})
+        return out
 
     def tokens_per_step(m):
         return tc.batch_size * dc.seq_len
