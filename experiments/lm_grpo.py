@@ -11,6 +11,13 @@ Variants (`--config=experiments/lm_grpo.py:VARIANT`):
         eps_high 1.2e-3, sequence-level ratio, no reward scaling, lr 6e-5, smcov 5 only;
         from the longer pretraining run, 1000 steps of 32 prompts.
       python -m molgen.main --config=experiments/lm_grpo.py:full --workdir=runs/lm_grpo_full
+  geometry  from the CPU recipe's final checkpoint (runs/lm_long,
+        experiments/lm_pretrain_moses.py:cpu_long, built first when missing): the geometry reward
+        (smcov 5 at delta 0.75 plus r_qual exp(-D / 1 A) weight 2, which still ranks 1 A above
+        1.5 A where smcov pays ~0), 40 steps of 8 prompts x 8 completions at T=0.7, beta 0.04; the
+        held-out evaluation at the pretraining evaluation's temperature 0.5, so COV/MAT before
+        and after compare with the pretraining tables.
+      python -m molgen.main --config=experiments/lm_grpo.py:geometry --workdir=runs/lm_grpo_geometry
   tiny  seconds, from runs/lm_tiny (tests).
 
 Quick-variant reward: the quickstart model's conformers sit ~2 A from the references, where the
@@ -27,12 +34,13 @@ from configs import common, lm_post
 
 
 def get_config(variant: str = "quick"):
-    common.check_variant(variant, ("quick", "full", "tiny"))
-    full, tiny = variant == "full", variant == "tiny"
+    common.check_variant(variant, ("quick", "full", "geometry", "tiny"))
+    full, tiny, geo = variant == "full", variant == "tiny", variant == "geometry"
     cfg = common.base("lm_grpo")
     cfg.policy = {
         "quick": lm_post.policy(),
         "full": lm_post.policy("runs/lm_pretrain", "experiments/lm_pretrain_moses.py"),
+        "geometry": lm_post.policy("runs/lm_long", "experiments/lm_pretrain_moses.py:cpu_long"),
         "tiny": lm_post.policy("runs/lm_tiny", "experiments/lm_tiny.py"),
     }[variant]
     cfg.data = lm_post.prompts_data(**(lm_post.TINY_PROMPTS if tiny else {}))
@@ -62,6 +70,12 @@ def get_config(variant: str = "quick"):
                              log_every=1, eval_every=200 if full else 1000)  # fmt: skip
     cfg.ckpt = common.ckpt(every_steps=50 if full else 10, keep=2, best_metric="")
     cfg.eval = lm_post.heldout_eval()
+    if geo:
+        cfg.sampling.temperature = 0.7
+        cfg.rewards = lm_post.rewards(w_qual=2.0, sigma=1.0)
+        cfg.optim.lr = 2e-4
+        cfg.train.update(dict(steps=40, eval_every=20))
+        cfg.eval.temperature = 0.5
     if tiny:
         cfg.grpo.update(dict(prompts_per_step=4, group_size=4, minibatches=2, max_len=256))
         cfg.sampling.update(dict(batch_size=8, max_new_tokens=48))

@@ -1,5 +1,6 @@
 """Conformer evaluation: honest aggregates, one scoring path for evaluation and rewards, the RDKit baseline."""
 
+import json
 import math
 
 import numpy as np
@@ -29,6 +30,10 @@ def test_mat_over_all_molecules_counts_a_failed_molecule_at_the_cap():
     assert s["no_valid_share"] == pytest.approx(1 / 3)
     assert s["validity"] == pytest.approx(3 / 12)
     assert "rdkit_etkdg" not in s
+    # standard errors over molecules, by hand: MAT-R (all) values 1, 3, 3 -> sd 1.1547, / sqrt 3
+    assert s["mat_r_se"] == pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + 2 * (3 - 7 / 3) ** 2) / 2) / math.sqrt(3))
+    assert s["cov_r_se"] == pytest.approx(math.sqrt(((0.5 - 1 / 6) ** 2 + 2 * (1 / 6) ** 2) / 2) / math.sqrt(3))
+    assert s["mat_r_valid_se"] == pytest.approx(math.sqrt(2 * 1.5**2) / math.sqrt(2))
 
 
 def _texts_and_refs():
@@ -70,3 +75,24 @@ def test_rdkit_baseline_rows_in_the_evaluation_summary():
     s = evaluate.summarize([rec, rec], delta=0.75)
     assert s["rdkit_etkdg_mmff"]["cov_r"] == pytest.approx(rec["rdkit_etkdg_mmff"]["cov_r"])
     assert s["rdkit_etkdg"]["no_valid_share"] == 0.0
+
+
+def test_curves_join_training_evaluations_and_the_final_one(tmp_path):
+    rows = [
+        {"step": 50, "train/loss": 2.0},
+        {"step": 100, "train/loss": 1.8},
+        {"step": 100, "eval/loss": 1.7, "eval/cov_r": 0.0, "eval/mat_r": 1.9},
+        {"step": 200, "train/loss": 1.6},
+        {"step": 200, "eval/loss": 1.5},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "eval").mkdir()
+    final = {"cov_r": 0.1, "mat_r": 1.2, "rdkit_etkdg": {"cov_r": 0.3, "mat_r": 0.9}}
+    (tmp_path / "eval" / "conformers.json").write_text(json.dumps({"summary": final, "molecules": []}))
+    c = evaluate.curves(str(tmp_path))
+    assert c["train"] == [(50, 2.0), (100, 1.8), (200, 1.6)]
+    assert c["eval_loss"] == [(100, 1.7), (200, 1.5)]
+    assert [s for s, _ in c["conformers"]] == [100, 200]  # the final evaluation sits at the last step
+    assert c["conformers"][0][1]["mat_r"] == 1.9 and c["conformers"][1][1]["cov_r"] == 0.1
+    evaluate.plot_curves([str(tmp_path)], tmp_path / "plots" / "curves.png")
+    assert (tmp_path / "plots" / "curves.png").stat().st_size > 10_000

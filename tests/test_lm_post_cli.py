@@ -212,6 +212,8 @@ def test_dpo_pair_eval_against_hand_computed_margins():
     assert out["margin"] == pytest.approx((ln(1.8) + ln(0.5) + 0.0 + ln(4.0)) / 4, rel=1e-5)
     assert out["chosen_logp"] == pytest.approx((2 * ln(0.3) + ln(0.2) + ln(0.1) + ln(0.4) + ln(0.4)) / 4, rel=1e-5)
     assert out["rejected_logp"] == pytest.approx((ln(0.2) + ln(0.4) + ln(0.4) + ln(0.1) + ln(0.1)) / 4, rel=1e-5)
+    assert out["win_rate_se"] == pytest.approx(np.std([1, 0, 0.5, 1], ddof=1) / 2)  # over pairs
+    assert out["margin_se"] == pytest.approx(np.std([ln(1.8), ln(0.5), 0.0, ln(4.0)], ddof=1) / 2, rel=1e-5)
     same = dpo.pair_eval(model, ref_params, ref, rows)  # before training: the policy is the reference
     assert same["win_rate"] == 0.5 and same["margin"] == 0.0
 

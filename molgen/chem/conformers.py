@@ -44,6 +44,28 @@ def coverage_matching(d: np.ndarray, delta: float = 0.75) -> dict[str, float]:
     }
 
 
+def aggregate(records: list[dict], mat_cap: float = 3.0) -> dict:
+    """COV/MAT over molecules, each with its standard error over molecules (`_se`), from
+    per-molecule {n_valid, cov_r, mat_r, cov_p, mat_p}. COV counts a molecule with no valid
+    sample as 0. MAT is given twice: over all molecules, with such a molecule counted at
+    `mat_cap` Å (and no molecule above it), and over the molecules with a valid sample only
+    (`_valid`), which flatters a weak model. `no_valid_share`: the share of such molecules."""
+    valid = [r for r in records if r["n_valid"] > 0]
+    cols = {
+        "cov_r": [r["cov_r"] for r in records],
+        "cov_p": [r["cov_p"] for r in records],
+        **{k: [min(r[k], mat_cap) if r["n_valid"] > 0 else mat_cap for r in records] for k in ("mat_r", "mat_p")},
+        **{f"{k}_valid": [r[k] for r in valid] for k in ("mat_r", "mat_p")},
+    }
+    out = {}
+    for k, xs in cols.items():
+        xs = np.asarray(xs, float)
+        out[k] = float(xs.mean()) if len(xs) else float("nan")
+        out[f"{k}_se"] = float(xs.std(ddof=1) / np.sqrt(len(xs))) if len(xs) > 1 else float("nan")
+    out["no_valid_share"] = 1.0 - len(valid) / max(len(records), 1)
+    return out
+
+
 def check_sample(text: str, prompt_smiles: str):
     """(molecule or None, failure reason or ""): tags present, decodes, same graph as the prompt."""
     try:

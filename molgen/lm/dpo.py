@@ -245,13 +245,18 @@ def pair_eval(model, params, ref, rows) -> dict:
         return {}
     pol = sequence_logps(model, params, rows)
     margin = (pol["c_sum"] - pol["r_sum"]) - (ref["c_sum"] - ref["r_sum"])
-    return {
-        "win_rate": float(np.mean((margin > 0) + 0.5 * (margin == 0))),
-        "logp_win_rate": float(np.mean(pol["c_mean"] > pol["r_mean"])),
-        "margin": float(np.mean(margin)),
-        "chosen_logp": float(np.mean(pol["c_sum"])),
-        "rejected_logp": float(np.mean(pol["r_sum"])),
+    cols = {
+        "win_rate": (margin > 0) + 0.5 * (margin == 0),
+        "logp_win_rate": (pol["c_mean"] > pol["r_mean"]).astype(float),
+        "margin": margin,
+        "chosen_logp": pol["c_sum"],
+        "rejected_logp": pol["r_sum"],
     }
+    out = {k: float(np.mean(v)) for k, v in cols.items()}
+    # standard errors over pairs
+    out.update({f"{k}_se": float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+                for k, v in cols.items() if k != "chosen_logp" and k != "rejected_logp"})  # fmt: skip
+    return out
 
 
 def plot_beta(workdirs: list[str], out) -> bool:

@@ -112,23 +112,6 @@ def evaluate(config, workdir: str, model_cfg, params, test_source, subdir: str =
     return summary
 
 
-def _aggregate(records, delta: float, mat_cap: float) -> dict:
-    """COV/MAT means over molecules. COV counts a molecule with no valid sample as 0. MAT is given
-    twice: over all molecules, with such a molecule counted at `mat_cap` Å (and no molecule above
-    it), and over the molecules with a valid sample only (`_valid`), which flatters a weak model."""
-    valid = [r for r in records if r["n_valid"] > 0]
-    out = {"cov_r": _mean([r["cov_r"] for r in records]), "cov_p": _mean([r["cov_p"] for r in records])}
-    for k in ("mat_r", "mat_p"):
-        out[k] = _mean([min(r[k], mat_cap) if r["n_valid"] > 0 else mat_cap for r in records])
-        out[f"{k}_valid"] = _mean([r[k] for r in valid])
-    out["no_valid_share"] = 1.0 - len(valid) / max(len(records), 1)
-    return out
-
-
-def _mean(xs) -> float:
-    return float(np.mean(xs)) if len(xs) else float("nan")
-
-
 def summarize(records, delta: float, mat_cap: float = 3.0) -> dict:
     """Totals and aggregates of `score_molecule` records; with the RDKit baseline in the records,
     the same aggregates for it under "rdkit_etkdg" and "rdkit_etkdg_mmff", and with `eval.relax`,
@@ -141,12 +124,70 @@ def summarize(records, delta: float, mat_cap: float = 3.0) -> dict:
         "generated": n_gen,
         "valid": n_valid,
         "validity": n_valid / max(n_gen, 1),
-        **_aggregate(records, delta, mat_cap),
+        **conformers.aggregate(records, mat_cap),
         "median_min_rmsd": float(np.median(rmsd)) if rmsd.size else float("nan"),
         "delta": delta,
         "mat_cap": mat_cap,
     }
     for key in ("lm_mmff", "rdkit_etkdg", "rdkit_etkdg_mmff"):
         if records and all(key in r for r in records):
-            out[key] = _aggregate([r[key] for r in records], delta, mat_cap)
+            out[key] = conformers.aggregate([r[key] for r in records], mat_cap)
     return out
+
+
+def curves(workdir: str) -> dict:
+    """Loss and conformer metrics against steps of a pretraining run: train/eval loss from
+    metrics.jsonl, COV-R/MAT-R/validity from the evaluations during training
+    (`eval.during_training`) and the final one (eval/conformers.json, at the last logged step)."""
+    from molgen.core import logging as mlog
+
+    rows = mlog.read_metrics(workdir)
+    out = {"train": [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]}
+    out["eval_loss"] = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
+    conf = [(r["step"], {k[5:]: r[k] for k in r if k.startswith("eval/")}) for r in rows if "eval/cov_r" in r]
+    final = pathlib.Path(workdir) / "eval" / "conformers.json"
+    if final.exists() and rows:
+        s = json.loads(final.read_text())["summary"]
+        conf.append((max(r["step"] for r in rows), s))
+    out["conformers"] = sorted(conf, key=lambda x: x[0])
+    return out
+
+
+def plot_curves(workdirs: list[str], out) -> None:
+    """Train/eval loss, COV-R and MAT-R (all molecules) against steps for one or more runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    for wd in workdirs:
+        c, name = curves(wd), pathlib.Path(wd).name
+        if c["train"]:
+            st, lo = zip(*c["train"], strict=True)
+            k = max(1, len(lo) // 200)  # a running mean over ~0.5% of the run
+            ax[0].plot(st[k - 1 :], np.convolve(lo, np.ones(k) / k, "valid"), label=f"{name} train", alpha=0.7)
+        if c["eval_loss"]:
+            ax[0].plot(*zip(*c["eval_loss"], strict=True), "o-", label=f"{name} validation")
+        if c["conformers"]:
+            st = [s for s, _ in c["conformers"]]
+            ax[1].plot(st, [100 * m.get("cov_r", np.nan) for _, m in c["conformers"]], "o-", label=name)
+            ax[2].plot(st, [m.get("mat_r", np.nan) for _, m in c["conformers"]], "o-", label=name)
+            step_last, last = c["conformers"][-1]
+            if "lm_mmff" in last:  # the model's last conformers after MMFF94
+                ax[1].plot([step_last], [100 * last["lm_mmff"]["cov_r"]], "s", label=f"{name} + MMFF")
+                ax[2].plot([step_last], [last["lm_mmff"]["mat_r"]], "s", label=f"{name} + MMFF")
+            for key, ls in (("rdkit_etkdg", ":"), ("rdkit_etkdg_mmff", "--")):
+                if key in last and wd == workdirs[0]:  # the baseline of the same test molecules
+                    ax[1].axhline(100 * last[key]["cov_r"], color="gray", ls=ls, label=key.replace("_", " "))
+                    ax[2].axhline(last[key]["mat_r"], color="gray", ls=ls, label=key.replace("_", " "))
+    ax[0].set(xlabel="step", ylabel="next-token loss (nats)", title="loss")
+    ax[0].set_ylim(top=3.0)  # the first steps' ~7 nats would flatten the rest
+    ax[1].set(xlabel="step", ylabel="COV-R at 0.75 Å (%)", title="coverage of the references")
+    ax[2].set(xlabel="step", ylabel="MAT-R, all molecules (Å)", title="matching RMSD")
+    for a in ax:
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)

@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import optax
 from jax.experimental import multihost_utils
 
-from molgen.core import loop
 from molgen.core.distributed import make_mesh
 from molgen.core.step import global_batch, make_eval_step
-from molgen.lm import data as lm_data
-from molgen.lm import evaluate
 from molgen.lm.model import Qwen3, Qwen3Config, count_params
+
+# the training loop, the dataset (grain, TFDS, RDKit) and the conformer evaluation (RDKit) are
+# imported where they are used: `lm_loss` and `init_params` (the benchmarks) need none of them
 
 log = logging.getLogger("molgen")
 
@@ -45,6 +45,8 @@ def lm_loss(model: Qwen3):
 
 def build_data(config):
     """Build the TFDS dataset on process 0 (others wait), then open it everywhere."""
+    from molgen.lm import data as lm_data
+
     if jax.process_index() == 0:
         builder = lm_data.build(config.data, config.data.data_dir)
         counts = lm_data.report(builder)["counts"]
@@ -60,6 +62,10 @@ def init_params(model_cfg: Qwen3Config, seed: int):
 
 
 def train_and_evaluate(config, workdir: str):
+    from molgen.core import loop
+    from molgen.lm import data as lm_data
+    from molgen.lm import evaluate
+
     frame, decimals = lm_data.data_knobs(config.data)  # a bad value fails before the dataset is built
     mesh = make_mesh(config.mesh.num_devices)
     model_cfg = Qwen3Config.from_config(config.model)
@@ -108,8 +114,11 @@ def train_and_evaluate(config, workdir: str):
             # the conformer metrics against steps (the final step is evaluated below, with the baseline)
             cfg = config.copy_and_resolve_references()
             cfg.eval.baseline, cfg.eval.relax = False, "none"
-            res = evaluate.evaluate(cfg, workdir, model_cfg, jax.device_get(params), source["test"], f"eval/step_{step}")
-            out.update({k: res[k] for k in ("validity", "cov_r", "mat_r", "mat_r_valid", "cov_p", "mat_p") if k in res})
+            res = evaluate.evaluate(
+                cfg, workdir, model_cfg, jax.device_get(params), source["test"], f"eval/step_{step}"
+            )
+            keys = ("validity", "cov_r", "mat_r", "mat_r_valid", "cov_p", "mat_p")
+            out.update({k: res[k] for k in keys if k in res})
         return out
 
     def tokens_per_step(m):
@@ -130,4 +139,9 @@ def train_and_evaluate(config, workdir: str):
         params = jax.device_get(state.params)
         results = evaluate.evaluate(config, workdir, model_cfg, params, source["test"])
         log.info("conformer evaluation: %s", {k: v for k, v in results.items() if not isinstance(v, (list, dict))})
+    if jax.process_index() == 0:
+        try:
+            evaluate.plot_curves([workdir], f"{workdir}/plots/curves.png")
+        except Exception as e:  # a plot must never lose the results already written
+            log.warning("plotting failed: %s", e)
     return state

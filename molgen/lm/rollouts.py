@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from rdkit import Chem
 
-from molgen.chem import enriched
+from molgen.chem import conformers, enriched
 from molgen.core.records import as_str
 from molgen.lm import rewards, sample, sequences, tokenizer
 from molgen.lm.policy import Policy
@@ -133,8 +133,14 @@ def heldout_eval(params, policy: Policy, groups: list[dict], ec, reward_cfg: dic
     ids, recs, covs = rollout_groups(params, policy, groups, k, jax.random.key(seed), ec, reward_cfg, pool)
     flat = [r for rs in recs for r in rs]
     out = rewards.summarize(flat)
-    for key in ("cov_r", "mat_r", "cov_p", "mat_p"):
-        out[key] = float(np.nanmean([c[key] for c in covs]))
+    # standard errors over molecules (the samples of one molecule are not independent)
+    for k, f in (("reward", lambda r: r["reward"]), ("validity", lambda r: float(r["valid"]))):
+        per_mol = np.asarray([np.mean([f(r) for r in rs]) for rs in recs], float)
+        out[f"{k}_se"] = float(per_mol.std(ddof=1) / np.sqrt(len(per_mol))) if len(per_mol) > 1 else float("nan")
+    # the same aggregates as `evaluate` (MAT over all molecules at eval.mat_cap and valid-only, SEs)
+    n_valid = [sum(r["valid"] for r in rs) for rs in recs]
+    out.update(conformers.aggregate([{"n_valid": n, **c} for n, c in zip(n_valid, covs, strict=True)],
+                                    ec.get("mat_cap", 3.0)))  # fmt: skip
     out["completion_len"] = float(np.mean([len(c) for cs in ids for c in cs]))
     out["molecules"], out["samples"] = len(groups), len(flat)
     return out
