@@ -191,6 +191,72 @@ def test_nan_gradient_with_finite_loss_stops_and_keeps_a_finite_checkpoint(tmp_p
     assert np.all(np.isfinite(w)) and not np.allclose(w, 1.0)
 
 
+class _Crash(Exception):
+    pass
+
+
+def _on_policy_run(workdir, crash_at=0):
+    """Linear regression trained on-policy through `loop.fit(make_updates=...)`: each step turns
+    its data item into two 8-row batches whose targets depend on the current parameters."""
+    import grain
+    import ml_collections
+
+    from molgen.core import loop
+
+    mesh = distributed.make_mesh(4)
+    config = ml_collections.ConfigDict(
+        dict(
+            train=common.train(steps=6, batch_size=8, log_every=1, eval_every=1000),
+            optim=common.optim(
+                name="sgd", lr=0.1, b1=0.9, schedule="warmup_cosine", warmup_steps=3, clip_norm=0.0, weight_decay=0.0
+            ),
+            ckpt=_ckpt_cfg(every_steps=2, keep=10),
+        )
+    )
+    data = grain.MapDataset.source([{"i": np.int32(i)} for i in range(100)]).to_iter_dataset()
+    w_true, seen = np.array([1.0, -2.0, 0.5], np.float32), []
+
+    def make_updates(state, step, item):
+        if step == crash_at:
+            raise _Crash(step)
+        w = np.asarray(jax.device_get(state.params["w"]))
+        seen.append((step, int(item["i"]), int(jax.device_get(state.step))))
+        batches = []
+        for k in range(2):
+            x = np.random.default_rng([int(item["i"]), k]).normal(size=(8, 3)).astype(np.float32)
+            batch = {"x": x, "y": x @ w_true + 0.1 * (x @ w), "mask": np.ones(8, np.float32)}
+            batches.append(global_batch(batch, mesh))
+        return batches, {"w0": float(w[0])}
+
+    mlog.setup(str(workdir))
+    state, _ = loop.fit(config, str(workdir), mesh=mesh, params={"w": jnp.zeros(3)}, loss_fn=_linear_loss,
+                        train_data=data, make_updates=make_updates, updates_per_step=2)  # fmt: skip
+    return state, seen, config
+
+
+def test_fit_with_make_updates_runs_several_updates_per_step_and_resumes(tmp_path):
+    state, seen, config = _on_policy_run(tmp_path / "ref")
+    assert int(state.step) == 12  # 6 steps x 2 updates, one optimiser step each
+    assert seen == [(s, s - 1, 2 * (s - 1)) for s in range(1, 7)]  # the data item and updates before each step
+    rows = [r for r in mlog.read_metrics(str(tmp_path / "ref")) if "train/loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert {"train/w0", "train/update_seconds", "train/step_seconds", "train/grad_norm"} <= set(rows[0])
+    sched = optim.make_schedule(config.optim, 12)  # the schedule spans all 12 updates
+    assert rows[-1]["train/lr"] == pytest.approx((float(sched(10)) + float(sched(11))) / 2, rel=1e-5)
+    assert rows[-1]["train/lr"] < 0.1 * rows[2]["train/lr"]  # and has decayed by the last step
+
+    with pytest.raises(_Crash):  # dies in step 5, after checkpoint 4
+        _on_policy_run(tmp_path / "killed", crash_at=5)
+    resumed, seen2, _ = _on_policy_run(tmp_path / "killed")
+    assert seen2 == seen[4:]  # continues at step 5 with the saved data position and update count
+    assert int(resumed.step) == 12
+    np.testing.assert_allclose(jax.device_get(resumed.params["w"]), jax.device_get(state.params["w"]), rtol=1e-6)
+    rows2 = [r for r in mlog.read_metrics(str(tmp_path / "killed")) if "train/loss" in r]
+    assert [r["step"] for r in rows2] == list(range(1, 7))
+    for a, b in zip(rows, rows2, strict=True):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5) and b["train/w0"] == a["train/w0"]
+
+
 def test_params_guard_catches_a_non_finite_update_with_finite_loss_and_gradient():
     with pytest.raises(mlog.NonFiniteError, match="parameters after step 3 are not finite"):
         mlog.check_finite(3, {"loss": 1.0, "grad_norm": 0.5, "params_finite": 0.0})

@@ -2,7 +2,8 @@
 
 Metrics are fetched one step late so the host never waits on the device between steps;
 before every checkpoint the current step's metrics are checked, so a checkpoint never
-holds a non-finite state.
+holds a non-finite state. On-policy families (GRPO) give `make_updates`: each step then
+builds its own batches from the current parameters and runs several updates.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
-from typing import Callable
+import time
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +54,9 @@ def fit(
     check: Callable[[int, dict], None] | None = None,
     members: int = 0,
     controller=None,
+    make_updates: Callable[[TrainState, int, dict], tuple[list, dict]] | None = None,
+    updates_per_step: int = 1,
+    log_keys: Sequence[str] = (),
 ) -> tuple[TrainState, dict]:
     """Train `params` for `config.train.steps` steps; returns (final state, last eval metrics).
 
@@ -66,9 +71,19 @@ def fit(
     state) -> extra metrics` (called after every step with the step's per-row outputs; what it
     changes takes effect from the next step), and `state_dict()` / `load(d)`, saved in and
     restored from the checkpoint metadata, so a resumed run continues with the same values.
+    `make_updates(state, step, item) -> (batches, extra)`: on-policy steps (GRPO). `item` is
+    this process's next element of `train_data` (as it is, not made global); the function
+    samples with `state.params` and returns the step's already-global batches in update order
+    (repeats included) and host metrics. Each batch is one optimiser update; the step logs the
+    mean of the updates' metrics, then `extra`, `update_seconds` and `step_seconds`. The
+    optimiser schedule spans `steps x updates_per_step` updates (what `make_updates` returns
+    per step); not with `controller`.
+    `log_keys`: metrics appended to the progress line.
     """
     tc, steps = config.train, config.train.steps
-    tx, schedule = optim.make_optimizer(config.optim, steps)
+    if make_updates is not None and controller is not None:
+        raise ValueError("fit: make_updates and controller do not combine")
+    tx, schedule = optim.make_optimizer(config.optim, steps * updates_per_step)
     if members:
         tx = optim.per_member(tx)
     state = TrainState.create(params, tx)
@@ -113,14 +128,22 @@ def fit(
         writer.write(step, m, "train/")
         if step % tc.log_every == 0 or step == steps:
             per_step = items_per_step(m) if items_per_step else 0.0
-            log.info(progress.line(step, m, per_step))
+            line = progress.line(step, m, per_step)
+            shown = " ".join(f"{k} {m[k]:.4g}" for k in log_keys if k in m)
+            log.info(line + (" | " + shown if shown else ""))
 
     try:
         for step in range(start + 1, steps + 1):
-            batch = global_batch(next(data_iter), mesh)
-            if controller is None:
-                state, metrics = step_fn(state, batch, rng)
+            if make_updates is not None:
+                t0 = time.time()
+                batches, extra = make_updates(state, step, next(data_iter))
+                t1 = time.time()
+                state, metrics = _run_updates(step_fn, state, batches, rng)
+                metrics.update(extra, update_seconds=time.time() - t1, step_seconds=time.time() - t0)
+            elif controller is None:
+                state, metrics = step_fn(state, global_batch(next(data_iter), mesh), rng)
             else:  # the controller needs this step's outputs before the next step: no overlap
+                batch = global_batch(next(data_iter), mesh)
                 state, metrics, rows, cstate = step_fn(state, batch, rng, replicate(controller.ctrl(), mesh))
                 metrics = _fetch(metrics)
                 rows = multihost_utils.process_allgather(rows, tiled=True)  # every process sees every row
@@ -131,7 +154,7 @@ def fit(
             pending = (step, metrics)
             do_eval = eval_fn is not None and (step % tc.eval_every == 0 or step == steps)
             do_save = step % config.ckpt.every_steps == 0 or step == steps
-            if do_eval or do_save:
+            if do_eval or do_save or make_updates is not None:  # on-policy metrics are on the host already
                 report(step, _fetch(metrics))
                 pending = None
             if do_eval:
@@ -152,6 +175,16 @@ def fit(
         writer.flush()
     multihost_utils.sync_global_devices("molgen_fit_done")
     return state, eval_metrics
+
+
+def _run_updates(step_fn, state: TrainState, batches: list, rng) -> tuple[TrainState, dict]:
+    """One update per batch, in order; the mean of their metrics (one host sync in all)."""
+    upd = []
+    for batch in batches:
+        state, m = step_fn(state, batch, rng)
+        upd.append(m)
+    upd = jax.device_get(upd)
+    return state, {k: float(np.mean([np.asarray(u[k]) for u in upd])) for k in upd[0]}
 
 
 def _meta(meta: dict, step: int) -> dict:
