@@ -1,12 +1,16 @@
 """LM throughput: molgen (JAX) against Hugging Face transformers (PyTorch), measured in one run.
 
     python benchmarks/lm_throughput.py [--preset=cpu_small] [--batch=8] [--seq=512] [--gen_batch=32] [--new=256]
+        [--dtype=float32] [--json=PATH]
 
 Prints training tokens/s (the molgen pretraining step, `core.step.make_train_step` over
 `pretrain.lm_loss`, against `transformers` with the same model config, batch and AdamW), sampling tokens/s (KV cache,
 same prompts, exactly `--new` tokens per row on both sides), the ratios, and the achieved
-training FLOP/s as a fraction of this machine's measured float32 matmul peak. Each pair is
-timed in alternating blocks and the medians compared (`compare`).
+training FLOP/s as a fraction of this machine's measured matmul peak in the compute dtype
+(--dtype; on an H100/H200 also against the nominal bf16 peak). Each pair is timed in
+alternating blocks and the medians compared (`compare`). PyTorch runs on CUDA when it sees a
+GPU (--torch_device). --json writes the figures as one JSON object (benchmarks/gpu_suite.sh).
+Needs torch and transformers beside molgen's own requirements.
 """
 
 from __future__ import annotations
@@ -24,7 +28,13 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from benchmarks.timing import median_time  # noqa: E402
+from benchmarks.timing import (  # noqa: E402
+    default_peak_n,
+    device_info,
+    matmul_peak,
+    nominal_bf16_peak,
+    write_json,
+)
 from configs import lm_models  # noqa: E402
 from molgen.core.distributed import make_mesh  # noqa: E402
 from molgen.core.step import TrainState, global_batch, make_train_step, replicate  # noqa: E402
@@ -49,13 +59,6 @@ def compare(fn_a, fn_b, n, rounds=3):
     return float(np.median(ta)), float(np.median(tb))
 
 
-def matmul_peak(n=2048, reps=10):
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    dt = median_time(lambda: f(a).block_until_ready(), reps)
-    return 2 * n**3 / dt
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="cpu_small")
@@ -67,24 +70,45 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype of both sides")
     ap.add_argument("--skip_train", action="store_true")
+    ap.add_argument("--torch_device", default="", help="PyTorch's device (default: cuda when available, else cpu)")
+    ap.add_argument("--peak_n", type=int, default=0, help="matmul size of the peak (default 2048 on CPU, 8192 else)")
+    ap.add_argument("--json", default="", help="also write the figures to this JSON file")
     a = ap.parse_args()
     print(f"{a}", flush=True)
 
-    import torch
-    import transformers
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        sys.exit(f"lm_throughput.py compares against Hugging Face transformers on PyTorch: {e}; install torch and "
+                 "transformers")  # fmt: skip
 
     torch.set_num_threads(os.cpu_count() or 1)
+    tdev = torch.device(a.torch_device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def tsync():
+        if tdev.type == "cuda":
+            torch.cuda.synchronize(tdev)
+
     cfg = dataclasses.replace(Qwen3Config.from_config(lm_models.get(a.preset)), dtype=a.dtype)
-    hf = transformers.Qwen3ForCausalLM(
-        transformers.Qwen3Config(**convert.config_to_hf(cfg), attn_implementation="sdpa")
-    ).float()
-    params = jax.tree.map(jnp.asarray, convert.hf_to_params({k: v.numpy() for k, v in hf.state_dict().items()}, cfg))
+    with tdev:  # initialised where it runs (a 0.6B model initialises much faster on a GPU)
+        hf = transformers.Qwen3ForCausalLM(
+            transformers.Qwen3Config(**convert.config_to_hf(cfg), attn_implementation="sdpa")
+        ).float()
+    hf_state = {k: v.detach().cpu().numpy() for k, v in hf.state_dict().items()}
+    params = jax.tree.map(jnp.asarray, convert.hf_to_params(hf_state, cfg))
+    del hf_state
     # bfloat16: PyTorch holds bf16 weights; molgen trains float32 master weights in bf16 compute, and
     # samples with the weights and the KV cache in bf16 (as PyTorch does)
-    hf = hf.to(getattr(torch, a.dtype))
+    hf = hf.to(device=tdev, dtype=getattr(torch, a.dtype))
     gen_params = jax.tree.map(lambda x: x.astype(a.dtype), params)
     rng = np.random.default_rng(0)
     tokens = rng.integers(6, cfg.vocab_size, size=(a.batch, a.seq)).astype(np.int32)
+    record = {"benchmark": "lm_throughput", **device_info(), "torch_device": str(tdev), "preset": a.preset,
+              "dtype": a.dtype, "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
+              "batch": a.batch, "seq": a.seq, "gen_batch": a.gen_batch, "prompt": a.prompt, "new": a.new,
+              "reps": a.reps}  # fmt: skip
+    write_json(a.json, record)
 
     t_jax = None
     if not a.skip_train:
@@ -108,13 +132,14 @@ def main():
 
         hf.train()
         topt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-        tok_t = torch.tensor(tokens, dtype=torch.long)
+        tok_t = torch.tensor(tokens, dtype=torch.long, device=tdev)
 
         def torch_train():
             topt.zero_grad(set_to_none=True)
             out = hf(tok_t, labels=tok_t)
             out.loss.backward()
             topt.step()
+            tsync()
 
         t_jax, t_torch = compare(jax_train, torch_train, a.reps)
         n_tok = a.batch * a.seq
@@ -122,6 +147,14 @@ def main():
             f"train  tokens/s  molgen {n_tok / t_jax:10,.0f}   transformers {n_tok / t_torch:10,.0f}   "
             f"ratio {t_torch / t_jax:5.2f}x   (batch {a.batch} x seq {a.seq}, {a.preset}, {a.dtype})"
         )
+        record["train"] = {
+            "tokens_per_s_molgen": n_tok / t_jax,
+            "tokens_per_s_transformers": n_tok / t_torch,
+            "ratio": t_torch / t_jax,
+            "step_s_molgen": t_jax,
+            "step_s_transformers": t_torch,
+        }
+        write_json(a.json, record)
 
     # --- sampling with a KV cache -----------------------------------------------------------
     prompts = rng.integers(6, cfg.vocab_size, size=(a.gen_batch, a.prompt)).astype(np.int32)
@@ -134,7 +167,7 @@ def main():
         out.block_until_ready()
 
     hf.eval()
-    tp = torch.tensor(prompts, dtype=torch.long)
+    tp = torch.tensor(prompts, dtype=torch.long, device=tdev)
 
     def torch_gen():
         with torch.no_grad():
@@ -147,6 +180,7 @@ def main():
                 use_cache=True,
                 pad_token_id=0,
             )
+        tsync()
 
     g_jax, g_torch = compare(jax_gen, torch_gen, max(1, a.reps // 3), rounds=2)
     n_gen = a.gen_batch * a.new
@@ -154,16 +188,28 @@ def main():
         f"sample tokens/s  molgen {n_gen / g_jax:10,.0f}   transformers {n_gen / g_torch:10,.0f}   "
         f"ratio {g_torch / g_jax:5.2f}x   (batch {a.gen_batch}, prompt {a.prompt}, {a.new} new, KV cache, {a.dtype})"
     )
+    record["sample"] = {"tokens_per_s_molgen": n_gen / g_jax, "tokens_per_s_transformers": n_gen / g_torch,
+                        "ratio": g_torch / g_jax, "call_s_molgen": g_jax, "call_s_transformers": g_torch}  # fmt: skip
+    write_json(a.json, record)
 
     # --- model FLOP utilisation ---------------------------------------------------------------
     if t_jax is None:
         return
-    peak = matmul_peak()
+    peak_n = a.peak_n or default_peak_n()
+    peak = matmul_peak(peak_n, dtype=a.dtype)
     achieved = flops_per_token(cfg, a.seq) * n_tok / t_jax
     print(
         f"flops  training {achieved / 1e9:8.1f} GFLOP/s   matmul peak {peak / 1e9:8.1f} GFLOP/s   "
         f"MFU {achieved / peak:5.1%}   ({jax.devices()[0].device_kind}, {jax.device_count()} device)"
     )
+    nominal = nominal_bf16_peak(jax.devices()[0].device_kind)
+    record["flops"] = {"flops_per_token": flops_per_token(cfg, a.seq), "achieved_flop_s": achieved,
+                       "matmul_peak_flop_s": peak, "matmul_peak_n": peak_n, "matmul_peak_dtype": a.dtype,
+                       "mfu": achieved / peak, "nominal_bf16_peak_flop_s": nominal,
+                       "mfu_nominal_bf16": achieved / nominal if nominal else None}  # fmt: skip
+    if nominal:
+        print(f"       against the nominal dense bf16 peak {nominal / 1e12:.0f} TFLOP/s: MFU {achieved / nominal:5.1%}")
+    write_json(a.json, record)
 
 
 if __name__ == "__main__":

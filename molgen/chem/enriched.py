@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import math
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
-from rdkit import Chem
-from rdkit.Chem import AllChem
-from rdkit.Geometry import Point3D
+
+if TYPE_CHECKING:
+    from rdkit import Chem
+
+# RDKit is imported inside the functions that use it: the tokenizer (and so the LM model presets
+# and sampler) needs only the string helpers here, and runs where RDKit is not installed.
 
 SMILES_TAG, SMILES_END = "[SMILES]", "[/SMILES]"
 CONF_TAG, CONF_END = "[CONFORMER]", "[/CONFORMER]"
@@ -57,6 +61,8 @@ def is_atom_token(tok: str) -> bool:
 
 def encode(mol: Chem.Mol, conf_id: int = -1) -> tuple[str, str]:
     """Return (canonical isomeric SMILES, enriched string) for a molecule with a conformer."""
+    from rdkit import Chem
+
     if mol.GetNumConformers() == 0:
         raise EnrichedError("molecule has no conformer")
     mol = Chem.RemoveHs(mol)
@@ -154,6 +160,9 @@ def strip_coords(enriched: str) -> str:
 
 def decode(enriched: str) -> Chem.Mol:
     """Rebuild an RDKit molecule (heavy atoms) with the conformer written in `enriched`."""
+    from rdkit import Chem
+    from rdkit.Geometry import Point3D
+
     coords = [tuple(float(v) for v in m.groups()[1:]) for m in _ENRICHED_ATOM_RE.finditer(enriched)]
     plain = strip_coords(enriched)
     n_atoms_text = sum(is_atom_token(t) for t in smiles_tokens(plain))
@@ -193,6 +202,8 @@ def split_unit(text: str) -> tuple[str, str]:
 
 
 def canonical(smiles_or_mol) -> str:
+    from rdkit import Chem
+
     mol = Chem.MolFromSmiles(smiles_or_mol) if isinstance(smiles_or_mol, str) else smiles_or_mol
     if mol is None:
         raise EnrichedError(f"RDKit cannot parse SMILES {smiles_or_mol!r}")
@@ -209,6 +220,9 @@ def same_graph(a, b) -> bool:
 
 def embed_conformers(smiles: str, n: int, seed: int, mmff: bool = True) -> Chem.Mol:
     """ETKDGv3 conformers (+ MMFF relaxation) for one SMILES; raises EnrichedError on failure."""
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
     mol = Chem.MolFromSmiles(smiles)
     if mol is None:
         raise EnrichedError(f"RDKit cannot parse SMILES {smiles!r}")

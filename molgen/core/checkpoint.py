@@ -13,7 +13,6 @@ import logging
 import pathlib
 import time
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -47,6 +46,8 @@ def manager(workdir: str, cfg) -> ocp.CheckpointManager:
 def save(mgr: ocp.CheckpointManager, step: int, state, data_iter, meta: dict, metrics: dict | None = None):
     args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
     if data_iter is not None:
+        import grain  # only with a data iterator: loading parameters (benchmarks, export) needs no Grain
+
         args["data"] = grain.checkpoint.CheckpointSave(data_iter)
     mgr.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=True)
 
@@ -54,6 +55,8 @@ def save(mgr: ocp.CheckpointManager, step: int, state, data_iter, meta: dict, me
 def _restore_step(mgr, step, abstract_state, data_iter):
     args = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
     if data_iter is not None:
+        import grain
+
         args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     out = mgr.restore(step, args=ocp.args.Composite(**args))
     return out["state"], out["meta"]

@@ -20,15 +20,19 @@ from jax.experimental import multihost_utils
 from molgen.chem import crystal as xtal
 from molgen.core import checkpoint, loop
 from molgen.core import step as core_step
-from molgen.core import streams as streams_lib
 from molgen.core.distributed import make_mesh
-from molgen.crystal import data, diffusion, sample, vae
+from molgen.crystal import diffusion, sample, vae
+
+# the dataset (TFDS) and its Grain pipeline are imported where they are used: sampling from a
+# trained or freshly initialised model (benchmarks/crystal_sampling.py) needs neither
 
 log = logging.getLogger("molgen")
 KEYS = ("lattice", "params", "frac", "species", "mask", "properties")
 
 
 def build_data(config):
+    from molgen.crystal import data
+
     if jax.process_index() == 0:
         b = data.build(config.data, config.data.data_dir)
         r = data.report(b)
@@ -38,6 +42,8 @@ def build_data(config):
 
 
 def pipeline(source, config, mesh, seed, train=True):
+    from molgen.core import streams as streams_lib
+
     streams, n_streams = loop.local_streams(mesh), mesh.shape["data"]
     return streams_lib.array_pipeline(source, KEYS, global_batch=config.train.batch_size, seed=seed,
                                       streams=streams, n_streams=n_streams, train=train)  # fmt: skip
@@ -84,6 +90,7 @@ def batches(split: dict, size: int, keys=KEYS, limit: int = 0):
 def reconstruct(model, params, split: dict, limit: int = 0, batch: int = 256) -> dict:
     """Encode with the posterior means, decode, and match against the inputs with StructureMatcher:
     match rate, RMSE of matched pairs (normalised by (V/N)^(1/3)), species accuracy."""
+    from molgen.crystal import data
 
     @jax.jit
     def run(p, b):
@@ -108,6 +115,8 @@ def reconstruct(model, params, split: dict, limit: int = 0, batch: int = 256) ->
 
 
 def train_vae(config, workdir: str):
+    from molgen.crystal import data
+
     mesh = make_mesh(config.mesh.num_devices)
     builder = build_data(config)
     src = builder.as_data_source()
@@ -173,6 +182,8 @@ def vae_data_config(info: dict, config):
 
 
 def load_splits(config, info):
+    from molgen.crystal import data
+
     dcfg = vae_data_config(info, config)
     holder = ml_collections.ConfigDict({"data": dcfg})
     builder = build_data(holder)
@@ -189,6 +200,8 @@ def encode_split(model, params, split, batch: int = 512) -> np.ndarray:
 
 
 def crystals_of(split) -> list:
+    from molgen.crystal import data
+
     return [
         data.unpad({k: split[k][i] for k in ("lattice", "frac", "species", "mask")}) for i in range(len(split["mask"]))
     ]
@@ -455,6 +468,8 @@ def evaluate_samples(config, workdir, sampler: Sampler, train_c, test_c, hull) -
 
 def predict_crystals(pred_fn, crystals, n_max: int) -> np.ndarray:
     """Predicted properties of decoded crystals (NaN rows for undecodable ones)."""
+    from molgen.crystal import data
+
     ok = [i for i, c in enumerate(crystals) if c is not None and len(c.species) <= n_max]
     out = None
     for s in range(0, len(ok), 256):
