@@ -197,7 +197,113 @@ def test_validity_and_matching():
     assert idx.contains(shifted)
     other = xtal.Crystal(c.lattice * 1.0, c.frac, np.asarray([19, 17]))  # KCl in the NaCl cell
     assert not idx.contains(other)
+    flat = xtal.Crystal(np.diag([5.6, 5.6, 0.0]), c.frac, c.species)  # no volume: the matcher raises
+    idx.add(flat)
+    assert xtal.fingerprint(flat) is None and not idx.contains(flat) and idx.contains(shifted)
+    np.testing.assert_array_equal(idx.earlier(), [False, False])
     np.testing.assert_allclose(xtal.density(c), 2.16, rtol=0.02)
+
+
+def test_amd_of_simple_cubic_against_closed_form():
+    """Simple cubic, lattice a: 6 neighbours at a, 12 at a sqrt 2, 8 at a sqrt 3, so AMD_1..26 is
+    known; a 2 x 1 x 1 supercell in another setting is the same crystal and has the same AMD."""
+    a = 3.1
+    want = a * np.asarray([1.0] * 6 + [2**0.5] * 12 + [3**0.5] * 8)
+    sc = xtal.Crystal(a * np.eye(3), np.zeros((1, 3)), np.asarray([29]))
+    np.testing.assert_allclose(xtal.amd(sc, 26), want, rtol=1e-12)
+    np.testing.assert_allclose(xtal.amd(sc, 100)[:26], want, rtol=1e-12)
+    m = np.asarray([[2, 0, 0], [1, 1, 0], [0, 1, 1]])  # a supercell of two cells, skewed
+    two = xtal.Crystal(m @ sc.lattice, np.mod(np.asarray([[0, 0, 0], [1, 0, 0]]) @ np.linalg.inv(m), 1.0),
+                       np.asarray([29, 29]))  # fmt: skip
+    np.testing.assert_allclose(xtal.amd(two, 26), want, rtol=1e-9)
+
+
+def _copies(c: xtal.Crystal, rng) -> list[xtal.Crystal]:
+    """Copies of c that StructureMatcher calls equal: atoms moved (0.03 (V/n)^(1/3) rms), the
+    lattice strained (2%), another cell setting, a 2 x 1 x 1 supercell, and these combined (the
+    supercell's atoms moved less: the matcher finds the primitive cell within 0.25 Å only)."""
+    n = len(c.species)
+    u = (xtal.volume(c.lattice) / n) ** (1 / 3)
+
+    def make(lat, frac, species, strain=0.0, move=0.0):
+        e = rng.normal(0, strain, (3, 3))
+        lat2 = lat @ (np.eye(3) + (e + e.T) / 2)
+        cart = frac @ lat2 + rng.normal(0, move * u, frac.shape)
+        return xtal.Crystal(lat2, np.mod(cart @ np.linalg.inv(lat2), 1.0), species)
+
+    m = np.asarray([[1, 1, 0], [0, 1, 0], [0, -1, 1]])  # unimodular: the same lattice, another cell
+    setting = (m @ c.lattice, c.frac @ np.linalg.inv(m), c.species)
+    two = np.diag([2.0, 1.0, 1.0])
+    supercell = (two @ c.lattice, np.concatenate([c.frac, c.frac + [1, 0, 0]]) @ np.linalg.inv(two),
+                 np.concatenate([c.species, c.species]))  # fmt: skip
+    return [make(c.lattice, c.frac, c.species, move=0.03), make(c.lattice, c.frac, c.species, strain=0.02),
+            make(*setting), make(*supercell), make(*setting, strain=0.02, move=0.02),
+            make(*supercell, strain=0.02, move=0.005)]  # fmt: skip
+
+
+def _mp20(split: str, n: int, element: int | None = None) -> list[xtal.Crystal]:
+    cs = [xtal.parse_cif(r["cif"]) for r in xtal.read_csv(str(MP20 / f"{split}.csv.gz"))[:n]]
+    if element is None:
+        return cs
+    return [xtal.Crystal(c.lattice, c.frac, np.full(len(c.species), element)) for c in cs]
+
+
+def test_prefilter_keeps_matcher_equal_copies():
+    """Perturbed copies, other settings and supercells of real crystals (and of the same crystals
+    as one element): every one that StructureMatcher calls equal to its original is among
+    MatchIndex's candidates, both ways round."""
+    rng = np.random.default_rng(0)
+    sm = xtal.matcher()
+    equal = total = 0
+    for c in [nacl(), *_mp20("train", 4), *_mp20("train", 4, element=14)]:
+        idx = xtal.MatchIndex([c], workers=1)
+        for x in _copies(c, rng):
+            total += 1
+            if not sm.fit(xtal.to_structure(x), xtal.to_structure(c)):
+                continue  # e.g. a pseudo-translation the move breaks: the matcher's own verdict
+            equal += 1
+            assert list(idx.candidates(xtal.fingerprint(x))) == [0]
+            assert idx.contains(x)
+            assert list(xtal.MatchIndex([x], workers=1).candidates(xtal.fingerprint(c))) == [0]
+    assert equal >= 0.9 * total
+
+
+def _novelty_set():
+    """One composition (every atom Si): 30 real MP-20 geometries as references; as queries,
+    copies of six of them (`_copies`, one each) and six other geometries."""
+    rng = np.random.default_rng(1)
+    refs = _mp20("train", 30, element=14)
+    copies = [_copies(refs[i], rng)[i % 6] for i in range(0, 30, 5)]
+    return refs, copies + _mp20("val", 6, element=14)
+
+
+def test_prefilter_equals_exhaustive_matcher():
+    """On every pair of a small one-composition set the prefilter keeps each pair StructureMatcher
+    calls equal, and MatchIndex answers what a scan of every pair answers (also for uniqueness)."""
+    refs, queries = _novelty_set()
+    sm = xtal.matcher()
+    rs = [xtal.to_structure(c) for c in refs]
+    fit = np.asarray([[sm.fit(xtal.to_structure(q), r) for r in rs] for q in queries])
+    assert 6 <= fit.any(1).sum() < len(queries)  # the copies match, some others do not
+    idx = xtal.MatchIndex(refs, workers=1)
+    for q, row in zip(queries, fit, strict=True):
+        assert set(np.flatnonzero(row)) <= set(idx.candidates(xtal.fingerprint(q)).tolist())
+    np.testing.assert_array_equal(idx.contains_many(queries), fit.any(1))
+    seq = refs[:8] + queries[:4]  # queries 0 and 1 copy refs 0 and 5: not unique
+    want = [any(sm.fit(xtal.to_structure(c), xtal.to_structure(d)) for d in seq[:i]) for i, c in enumerate(seq)]
+    np.testing.assert_array_equal(xtal.MatchIndex(seq, workers=1).earlier(), want)
+
+
+def test_match_index_pool_and_progress(monkeypatch, caplog):
+    """The spawned worker pool gives the in-process answers, and logs progress lines."""
+    refs, queries = _novelty_set()
+    want = xtal.MatchIndex(refs, workers=1).contains_many(queries)
+    monkeypatch.setattr(xtal, "POOL_MIN", 1)
+    monkeypatch.setattr(xtal, "PROGRESS_S", 0.0)
+    with caplog.at_level("INFO", logger="molgen"):
+        got = xtal.MatchIndex(refs, workers=2).contains_many(queries)
+    np.testing.assert_array_equal(got, want)
+    assert any("matching crystals:" in r.getMessage() and "ETA" in r.getMessage() for r in caplog.records)
 
 
 def _fcc(a: float, frac, species) -> xtal.Crystal:

@@ -12,14 +12,20 @@ import csv
 import dataclasses
 import gzip
 import itertools
+import logging
 import math
+import os
+import time
 import warnings
 from collections import Counter
 
 import numpy as np
 
+log = logging.getLogger("molgen")
+
 # pymatgen StructureMatcher tolerances used for every match in molgen (REFERENCE.md 3)
 MATCHER = dict(stol=0.5, ltol=0.3, angle_tol=10.0)
+# (MatchIndex's prefilter relies on pymatgen's other defaults: primitive_cell, scale, no supercell)
 
 
 class CrystalError(ValueError):
@@ -196,27 +202,228 @@ def formula_key(species) -> str:
     return Composition(Counter(int(z) for z in species)).reduced_formula if len(species) else ""
 
 
-class MatchIndex:
-    """Structures bucketed by reduced formula, for novelty/uniqueness tests with StructureMatcher
-    (a match needs the same reduced composition, so only one bucket is compared)."""
+AMD_K = 100  # neighbours in the AMD fingerprint (Chemeleon2's creativity reward uses k = 100 too)
 
-    def __init__(self, crystals=()):
-        self.sm = matcher()
-        self.buckets: dict[str, list] = {}
-        for c in crystals:
-            self.add(c)
 
-    def add(self, c: Crystal) -> None:
-        self.buckets.setdefault(formula_key(c.species), []).append(to_structure(c))
+def amd(c, k: int = AMD_K) -> np.ndarray:
+    """Average minimum distance AMD_k (Widdowson & Kurlin 2022), Å: entry j is the distance from an
+    atom to its (j+1)-th nearest neighbour in the periodic crystal (its own images count),
+    averaged over the atoms of the cell. Every cell of a crystal, supercells included, gives the
+    same vector. `c`: a Crystal or a pymatgen Structure."""
+    s = to_structure(c) if isinstance(c, Crystal) else c
+    n = len(s)
+    if not s.volume > 1e-8:
+        raise ValueError(f"a cell of volume {s.volume} has no AMD")
+    r = 1.2 * (3 * (k + 1) * s.volume / (4 * math.pi * n)) ** (1 / 3)  # a ball holding ~k+1 atoms, and some
+    while True:
+        centre, _, _, d = s.get_neighbor_list(r)
+        if np.bincount(centre, minlength=n).min() >= k:
+            break
+        r *= 1.5
+    order = np.lexsort((d, centre))
+    first = np.searchsorted(centre[order], np.arange(n))
+    return d[order][first[:, None] + np.arange(k)].mean(0)
 
-    def contains(self, c: Crystal) -> bool:
-        s = to_structure(c)
+
+def _minima(lattice) -> np.ndarray:
+    """Successive minima of a pymatgen Lattice: the shortest vector, the shortest one independent of
+    it, the shortest one independent of both (greedy over the vectors no longer than the longest
+    cell vector, which holds three independent ones)."""
+    fc, d, _, _ = lattice.get_points_in_sphere([[0, 0, 0]], [0, 0, 0], max(lattice.abc) * (1 + 1e-6), zip_results=False)
+    vecs, d = np.asarray(fc) @ lattice.matrix, np.asarray(d)
+    basis, out = np.zeros((0, 3)), []
+    for i in np.argsort(d, kind="stable"):
+        b = np.vstack([basis, vecs[i]])
+        if d[i] > 1e-8 and np.linalg.matrix_rank(b, tol=1e-6 * d[i]) == len(b):
+            basis, out = b, out + [d[i]]
+            if len(out) == 3:
+                break
+    return np.asarray(out)
+
+
+@dataclasses.dataclass
+class Fingerprint:
+    """What `MatchIndex` keeps of a crystal. `cell` is the matcher's own reduced cell (Niggli, then
+    primitive) as (lattice, frac, species); lengths are per (V/n)^(1/3), as the matcher scales
+    both structures to one volume before comparing them."""
+
+    formula: str
+    cell: tuple
+    n: int  # sites in the reduced cell
+    minima: np.ndarray  # (3,) successive minima of the reduced lattice
+    lengths: np.ndarray  # (3,) sorted lengths of the reduced cell's vectors
+    amd: np.ndarray  # (AMD_K,)
+
+
+def fingerprint(c: Crystal) -> Fingerprint | None:
+    """None where the cell cannot be reduced (degenerate): StructureMatcher.fit raises on every
+    pair with it, which MatchIndex counts as no match."""
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for t in self.buckets.get(formula_key(c.species), []):
-                try:
-                    if self.sm.fit(s, t):
-                        return True
-                except Exception:
-                    continue
-        return False
+            # the reduction StructureMatcher.fit does itself (and caches only 300 of); fit with
+            # skip_structure_reduction=True on the reduced cells gives fit's answer on the originals
+            r = matcher()._get_reduced_structure(to_structure(c), primitive_cell=True, niggli=True)
+            u = (r.volume / len(r)) ** (1 / 3)
+            cell = (np.asarray(r.lattice.matrix), np.asarray(r.frac_coords), np.asarray([x.specie.Z for x in r]))
+            return Fingerprint(formula_key(c.species), cell, len(r), _minima(r.lattice) / u,
+                               np.sort(r.lattice.abc) / u, amd(r) / u)  # fmt: skip
+    except Exception:  # pymatgen raises ValueError, LinAlgError, ... on degenerate cells
+        return None
+
+
+# ----------------------------------------------------------------------------- parallel matching
+
+_REFS: list = []  # reduced reference structures, per worker process (or in-process when run inline)
+PROGRESS_S = 5.0  # seconds between progress lines
+POOL_MIN = 300  # fewer candidate pairs (or crystals to fingerprint) than this run in this process
+
+
+def _set_refs(cells) -> None:
+    global _REFS
+    _REFS = [to_structure(Crystal(*cell)) for cell in cells]
+
+
+def _fit_any(task) -> bool:
+    """Whether the query cell matches one of the reference cells `cand` (indices into _REFS); stops
+    at the first match."""
+    cell, cand = task
+    sm, s = matcher(), to_structure(Crystal(*cell))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for j in cand:
+            try:
+                if sm.fit(s, _REFS[j], skip_structure_reduction=True):
+                    return True
+            except Exception:  # degenerate cells make pymatgen raise: no match, as before
+                continue
+    return False
+
+
+def _indexed(job):
+    fn, i, x = job
+    return i, fn(x)
+
+
+def pmap(fn, items, workers: int, what: str, initializer=None, initargs=()) -> list:
+    """[fn(x) for x in items] in order, over a pool of `workers` spawned processes (in this process
+    when workers <= 1), with a progress line (rate, ETA) on the "molgen" logger every PROGRESS_S s.
+    `initializer(*initargs)` runs once in each worker first."""
+    import multiprocessing as mp
+
+    items, out = list(items), [None] * len(items)
+    t0 = last = time.perf_counter()
+    pool = mp.get_context("spawn").Pool(workers, initializer, initargs) if workers > 1 and len(items) > 1 else None
+    try:
+        if pool is None:
+            if initializer is not None:
+                initializer(*initargs)
+            results = enumerate(map(fn, items))
+        else:
+            results = pool.imap_unordered(_indexed, [(fn, i, x) for i, x in enumerate(items)])
+        for done, (i, r) in enumerate(results, 1):
+            out[i] = r
+            now = time.perf_counter()
+            if now - last > PROGRESS_S and done < len(items):
+                rate = done / (now - t0)
+                log.info("%s: %d/%d, %.1f/s, ETA %.0f s", what, done, len(items), rate, (len(items) - done) / rate)
+                last = now
+    finally:
+        if pool is not None:
+            pool.terminate()
+    return out
+
+
+class MatchIndex:
+    """Structures bucketed by reduced formula, for novelty/uniqueness tests with StructureMatcher
+    (MATCHER tolerances, pymatgen's defaults otherwise: primitive cells, scaled to one volume, no
+    supercells). The answers are those of StructureMatcher.fit(query, structure) over the whole
+    bucket; only pairs the matcher must reject are skipped, by conditions that fit itself imposes:
+    - the same reduced formula (fit compares compositions first);
+    - the same number of sites in the reduced cells (fit maps sites one to one);
+    - fit looks for three independent vectors of the query's lattice, each within a factor
+      (1 + ltol) of one of the reference's reduced cell vectors, after scaling both to one volume;
+      so the query's k-th successive minimum is below (1 + ltol) x the reference's k-th shortest
+      cell vector, for k = 1, 2, 3.
+    The remaining candidates are tried nearest AMD first (a match usually comes first), in
+    parallel over `workers` processes (default: all cores), with a progress line."""
+
+    def __init__(self, crystals=(), workers: int | None = None):
+        self.workers = workers or os.cpu_count() or 1
+        self.prints: list[Fingerprint | None] = []
+        self._pending = list(crystals)
+        self._buckets: dict | None = None
+
+    def add(self, c: Crystal) -> None:
+        self._pending.append(c)
+
+    def __len__(self) -> int:
+        return len(self.prints) + len(self._pending)
+
+    def build(self) -> None:
+        """Fingerprint the crystals added so far (the first query does it otherwise)."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            workers = self.workers if len(pending) >= POOL_MIN else 1
+            self.prints += pmap(fingerprint, pending, workers, "fingerprints")
+            self._buckets = None
+        if self._buckets is None:
+            groups: dict[str, list] = {}
+            for i, p in enumerate(self.prints):
+                if p is not None:
+                    groups.setdefault(p.formula, []).append(i)
+            self._buckets = {f: (np.asarray(ix), np.asarray([self.prints[i].n for i in ix]),
+                                 np.stack([self.prints[i].lengths for i in ix]),
+                                 np.stack([self.prints[i].amd for i in ix])) for f, ix in groups.items()}  # fmt: skip
+
+    def candidates(self, q: Fingerprint | None, below: int | None = None) -> np.ndarray:
+        """Indices (into self.prints, below `below` if given) of the structures that may match q,
+        nearest AMD (L-infinity) first."""
+        self.build()
+        if q is None or q.formula not in self._buckets:
+            return np.zeros(0, int)
+        ix, n, lengths, amds = self._buckets[q.formula]
+        keep = (n == q.n) & np.all(q.minima < (1 + MATCHER["ltol"]) * (1 + 1e-6) * lengths, axis=1)
+        if below is not None:
+            keep &= ix < below
+        d = np.abs(amds[keep] - q.amd).max(axis=1)
+        return ix[keep][np.argsort(d, kind="stable")]
+
+    def contains(self, c: Crystal) -> bool:
+        return bool(self.contains_many([c])[0])
+
+    def contains_many(self, crystals, workers: int | None = None) -> np.ndarray:
+        """Whether each Crystal (or fingerprint, as in another index's `prints`) matches a structure
+        of the index."""
+        workers = workers or self.workers
+        todo = [c for c in crystals if isinstance(c, Crystal)]
+        done = iter(pmap(fingerprint, todo, workers if len(todo) >= POOL_MIN else 1, "fingerprints"))
+        qs = [next(done) if isinstance(c, Crystal) else c for c in crystals]
+        cands = [self.candidates(q) for q in qs]
+        same = sum(len(self._buckets[q.formula][0]) for q in qs if q is not None and q.formula in self._buckets)
+        return self._any(qs, cands, same, workers)
+
+    def earlier(self, workers: int | None = None) -> np.ndarray:
+        """Whether each structure, in the order added, matches an earlier one (StructureMatcher.fit
+        with the later one first)."""
+        self.build()
+        cands = [self.candidates(q, below=i) for i, q in enumerate(self.prints)]
+        same = sum(int((self._buckets[q.formula][0] < i).sum()) for i, q in enumerate(self.prints) if q is not None)
+        return self._any(self.prints, cands, same, workers or self.workers)
+
+    def _any(self, qs, cands, same: int, workers: int) -> np.ndarray:
+        """Whether each query fingerprint matches one of its candidates (`same`: the pairs an
+        unfiltered scan would try, for the log line)."""
+        pairs = sum(len(c) for c in cands)
+        refs = np.unique(np.concatenate([np.zeros(0, int), *cands]))
+        where = {int(j): k for k, j in enumerate(refs)}
+        todo = [i for i, c in enumerate(cands) if len(c)]
+        tasks = [(qs[i].cell, [where[int(j)] for j in cands[i]]) for i in todo]
+        if pairs > 1000:
+            log.info("matching %d crystals against %d: %d candidate pairs of %d same-formula ones",
+                     len(qs), len(self.prints), pairs, same)  # fmt: skip
+        hits = pmap(_fit_any, tasks, workers if pairs >= POOL_MIN else 1, "matching crystals", _set_refs,
+                    ([self.prints[j].cell for j in refs],))  # fmt: skip
+        out = np.zeros(len(qs), bool)
+        out[todo] = np.asarray(hits, bool)
+        return out

@@ -36,17 +36,20 @@ def validity(crystals) -> tuple[np.ndarray, np.ndarray]:
     return struct, comp
 
 
-def unique_novel(crystals, valid, train_index: xtal.MatchIndex) -> tuple[np.ndarray, np.ndarray]:
-    seen = xtal.MatchIndex()
+def unique_novel(
+    crystals, valid, train_index: xtal.MatchIndex, workers: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(unique, novel) boolean arrays: a valid crystal is unique when it matches no earlier valid
+    one, and a unique one is novel when it matches no training crystal (`xtal.MatchIndex`, which
+    prefilters the pairs and runs the matcher over `workers` processes, default all cores)."""
+    idx = np.flatnonzero(valid)
     unique = np.zeros(len(crystals), bool)
     novel = np.zeros(len(crystals), bool)
-    for i, c in enumerate(crystals):
-        if not valid[i]:
-            continue
-        if not seen.contains(c):
-            unique[i] = True
-            novel[i] = not train_index.contains(c)
-        seen.add(c)
+    if len(idx):
+        seen = xtal.MatchIndex([crystals[i] for i in idx], workers)
+        first = ~seen.earlier()
+        unique[idx] = first
+        novel[idx[first]] = ~train_index.contains_many([seen.prints[i] for i in np.flatnonzero(first)], workers)
     return unique, novel
 
 
