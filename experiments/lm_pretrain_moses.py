@@ -4,8 +4,9 @@ Variants (`--config=experiments/lm_pretrain_moses.py:VARIANT`):
   cpu      (default) ~25 min on a 2-core CPU: 3.7M model, 8000 molecules, 1800 steps,
            WSDS with a decay before each of the two checkpoint boundaries.
       python -m molgen.main --config=experiments/lm_pretrain_moses.py --workdir=runs/lm_pretrain
-  cpu_long ~2 h 20 min on a 2-core CPU: 3.7M model, 32000 molecules, 12000 steps, COV/MAT at
-           each of the four decayed checkpoints; resumable.
+  cpu_long ~2 h on a 2-core CPU: 3.7M model, 32000 molecules, 9000 steps, COV/MAT at each of
+           the three decayed checkpoints; resumable, and `--config.train.steps=12000` on the same
+           workdir continues it by another WSDS period.
       python -m molgen.main --config=experiments/lm_pretrain_moses.py:cpu_long --workdir=runs/lm_long
   gpu_06b  the reference shape: Qwen3-0.6B, seq 4096, global batch 48, AdamW 8e-4 / 0.9 / 0.95 /
            wd 0.1, 500 warmup steps, WSDS period 30k with 10% decay, bf16 activations, remat.
@@ -25,14 +26,15 @@ def get_config(arg: str = "cpu"):
         cfg.ckpt = common.ckpt(every_steps=900)
     elif arg == "cpu_long":
         # sized by measurement (docs/lm.md): on 2 cores cpu_small trains 0.59 s/step (batch 8 x 512),
-        # cpu_base 1.38 and qwen3_25m 2.88. At a fixed 2 h of compute the 3.7M model sees 12 tokens per
-        # parameter, the 11M one 1.6, and the 1800-step run's loss was still falling: the small model
-        # trained longer is the better use of the hours. A decayed (WSDS) checkpoint every 3000 steps,
+        # cpu_base 1.38 and qwen3_25m 2.88. At a fixed 1.5 h of training the 3.7M model sees 9 tokens per
+        # parameter, the 11M one 1.2, and the 1800-step run's loss was still falling: the small model
+        # trained longer is the better use of the hours. 9000 steps: ~95 min of training, a ~15 min
+        # data build, ~6 min of evaluations. A decayed (WSDS) checkpoint every 3000 steps,
         # each evaluated for COV/MAT; a run stopped anywhere resumes with the same command, and a longer
         # run is `--config.train.steps=N` on the same workdir.
         cfg.data.update(dict(n_train=32000, n_val=500, n_test=100, conformers=2, test_conformers=5))
         cfg.optim = common.optim(lr=3e-3, warmup_steps=100, weight_decay=0.05, wsd_period=3000, wsd_decay_frac=0.1)
-        cfg.train = common.train(steps=12000, batch_size=8, log_every=100, eval_every=3000, eval_batches=16)
+        cfg.train = common.train(steps=9000, batch_size=8, log_every=100, eval_every=3000, eval_batches=16)
         cfg.ckpt = common.ckpt(every_steps=1000)
         cfg.eval.during_training = True
     elif arg == "gpu_06b":
