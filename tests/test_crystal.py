@@ -294,6 +294,17 @@ def test_prefilter_equals_exhaustive_matcher():
     np.testing.assert_array_equal(xtal.MatchIndex(seq, workers=1).earlier(), want)
 
 
+def test_match_index_fingerprints_only_the_buckets_queries_touch():
+    """A query fingerprints its own formula's crystals only (a varied training set is mostly
+    never fingerprinted); the answers are those of the fully built index."""
+    refs = _mp20("train", 6)
+    si = _mp20("train", 6, element=14)
+    idx = xtal.MatchIndex(refs + si, workers=1)
+    assert idx.contains(si[2]) and not idx._fp.keys() - set(range(6, 12))
+    assert idx.contains_many([refs[0], si[3]]).all()
+    assert len(idx.prints) == 12 and len(idx._fp) == 12  # `prints` builds the rest
+
+
 def test_match_index_pool_and_progress(monkeypatch, caplog):
     """The spawned worker pool gives the in-process answers, and logs progress lines."""
     refs, queries = _novelty_set()
