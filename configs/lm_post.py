@@ -38,6 +38,6 @@ def sampling(**kw) -> ml_collections.ConfigDict:
 def heldout_eval(**kw) -> ml_collections.ConfigDict:
     """Held-out reward/validity/COV-MAT: `num_molecules` test molecules, samples_per_ref x 5 each."""
     d = dict(num_molecules=100, samples_per_ref=2, max_new_tokens=400, batch_size=100, temperature=1.0, top_k=0,
-             top_p=1.0, grammar=False, seed=0)  # fmt: skip
+             top_p=1.0, grammar=False, seed=0, mat_cap=3.0)  # fmt: skip
     d.update(kw)
     return ml_collections.ConfigDict(d)

@@ -89,10 +89,17 @@ def test_curves_join_training_evaluations_and_the_final_one(tmp_path):
     (tmp_path / "eval").mkdir()
     final = {"cov_r": 0.1, "mat_r": 1.2, "rdkit_etkdg": {"cov_r": 0.3, "mat_r": 0.9}}
     (tmp_path / "eval" / "conformers.json").write_text(json.dumps({"summary": final, "molecules": []}))
-    c = evaluate.curves(str(tmp_path))
+    c = evaluate.curves(str(tmp_path))  # a run without step folders: the final one at the last step
     assert c["train"] == [(50, 2.0), (100, 1.8), (200, 1.6)]
     assert c["eval_loss"] == [(100, 1.7), (200, 1.5)]
-    assert [s for s, _ in c["conformers"]] == [100, 200]  # the final evaluation sits at the last step
+    assert c["conformers"] == [(200, final)]
+    for step, summary in ((100, {"cov_r": 0.0, "mat_r": 1.9}), (200, final)):
+        (tmp_path / "eval" / f"step_{step}").mkdir()
+        (tmp_path / "eval" / f"step_{step}" / "conformers.json").write_text(json.dumps({"summary": summary}))
+    rows.append({"step": 300, "train/loss": 1.5})  # a longer run on the same workdir, under way
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = evaluate.curves(str(tmp_path))
+    assert [s for s, _ in c["conformers"]] == [100, 200]  # not the old final at step 300
     assert c["conformers"][0][1]["mat_r"] == 1.9 and c["conformers"][1][1]["cov_r"] == 0.1
     evaluate.plot_curves([str(tmp_path)], tmp_path / "plots" / "curves.png")
     assert (tmp_path / "plots" / "curves.png").stat().st_size > 10_000

@@ -214,6 +214,11 @@ def test_dpo_pair_eval_against_hand_computed_margins():
     assert out["rejected_logp"] == pytest.approx((ln(0.2) + ln(0.4) + ln(0.4) + ln(0.1) + ln(0.1)) / 4, rel=1e-5)
     assert out["win_rate_se"] == pytest.approx(np.std([1, 0, 0.5, 1], ddof=1) / 2)  # over pairs
     assert out["margin_se"] == pytest.approx(np.std([ln(1.8), ln(0.5), 0.0, ln(4.0)], ddof=1) / 2, rel=1e-5)
+    for r, c in zip(rows, (0, 0, 1, 2), strict=True):  # pairs 0 and 1 share a prompt: one cluster
+        r["prompt_index"] = np.int32(c)
+    clustered = dpo.pair_eval(model, pol, ref, rows)
+    assert clustered["prompts"] == 3 and clustered["win_rate"] == out["win_rate"]
+    assert clustered["win_rate_se"] == pytest.approx(np.std([0.5, 0.5, 1.0], ddof=1) / np.sqrt(3))
     same = dpo.pair_eval(model, ref_params, ref, rows)  # before training: the policy is the reference
     assert same["win_rate"] == 0.5 and same["margin"] == 0.0
 

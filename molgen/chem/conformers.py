@@ -54,7 +54,11 @@ def aggregate(records: list[dict], mat_cap: float = 3.0) -> dict:
     cols = {
         "cov_r": [r["cov_r"] for r in records],
         "cov_p": [r["cov_p"] for r in records],
-        **{k: [min(r[k], mat_cap) if r["n_valid"] > 0 else mat_cap for r in records] for k in ("mat_r", "mat_p")},
+        # a non-finite MAT (no finite RMSD although a sample is valid) counts at the cap too
+        **{
+            k: [min(r[k], mat_cap) if r["n_valid"] > 0 and np.isfinite(r[k]) else mat_cap for r in records]
+            for k in ("mat_r", "mat_p")
+        },  # fmt: skip
         **{f"{k}_valid": [r[k] for r in valid] for k in ("mat_r", "mat_p")},
     }
     out = {}

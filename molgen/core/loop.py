@@ -137,6 +137,8 @@ def fit(
             if make_updates is not None:
                 t0 = time.time()
                 batches, extra = make_updates(state, step, next(data_iter))
+                if len(batches) != updates_per_step:  # the schedule was sized for updates_per_step
+                    raise ValueError(f"make_updates gave {len(batches)} batches at step {step}, not {updates_per_step}")
                 t1 = time.time()
                 state, metrics = _run_updates(step_fn, state, batches, rng)
                 metrics.update(extra, update_seconds=time.time() - t1, step_seconds=time.time() - t0)

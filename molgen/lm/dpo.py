@@ -66,11 +66,12 @@ def pair_files(config) -> tuple[str, str, str]:
 
 def pair_rows(pairs: list[dict], pol: policy_lib.Policy, max_len: int, path: str) -> list[dict]:
     """Token rows of chosen (c_) and rejected (r_) per pair; unencodable pairs are skipped."""
-    out, skipped, cut = [], 0, 0
+    out, skipped, cut, prompts = [], 0, 0, {}
     for i, p in enumerate(pairs):
         try:
             prompt = sequences.encode_text(p["prompt"], pol.codec)
-            row = {"pair_id": np.int32(i)}
+            # pairs of one prompt are not independent: held-out SEs are taken over prompts
+            row = {"pair_id": np.int32(i), "prompt_index": np.int32(prompts.setdefault(p["prompt"], len(prompts)))}
             for side, key in zip(SIDES, ("chosen", "rejected"), strict=True):
                 r = sequences.make_row(prompt, sampled_ids(p, key, pol.codec), max_len, pol.positions)
                 cut += int(r.pop("truncated"))
@@ -253,9 +254,13 @@ def pair_eval(model, params, ref, rows) -> dict:
         "rejected_logp": pol["r_sum"],
     }
     out = {k: float(np.mean(v)) for k, v in cols.items()}
-    # standard errors over pairs
-    out.update({f"{k}_se": float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
-                for k, v in cols.items() if k != "chosen_logp" and k != "rejected_logp"})  # fmt: skip
+    # standard errors over prompts (pairs of one prompt share it): the SE of the per-prompt means
+    cluster = np.asarray([r.get("prompt_index", r["pair_id"]) for r in rows])
+    keys = np.unique(cluster)
+    for k in ("win_rate", "logp_win_rate", "margin"):
+        m = np.asarray([np.mean(cols[k][cluster == c]) for c in keys])
+        out[f"{k}_se"] = float(np.std(m, ddof=1) / np.sqrt(len(m))) if len(m) > 1 else float("nan")
+    out["prompts"] = len(keys)
     return out
 
 

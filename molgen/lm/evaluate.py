@@ -137,19 +137,19 @@ def summarize(records, delta: float, mat_cap: float = 3.0) -> dict:
 
 def curves(workdir: str) -> dict:
     """Loss and conformer metrics against steps of a pretraining run: train/eval loss from
-    metrics.jsonl, COV-R/MAT-R/validity from the evaluations during training
-    (`eval.during_training`) and the final one (eval/conformers.json, at the last logged step)."""
+    metrics.jsonl; the conformer summaries of eval/step_N/conformers.json (every evaluation
+    during training, `eval.during_training`, and a copy of the final one), or for a run without
+    step folders its eval/conformers.json at the last logged step."""
     from molgen.core import logging as mlog
 
     rows = mlog.read_metrics(workdir)
     out = {"train": [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]}
     out["eval_loss"] = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
-    conf = [(r["step"], {k[5:]: r[k] for k in r if k.startswith("eval/")}) for r in rows if "eval/cov_r" in r]
-    final = pathlib.Path(workdir) / "eval" / "conformers.json"
-    if final.exists() and rows:
-        s = json.loads(final.read_text())["summary"]
-        conf.append((max(r["step"] for r in rows), s))
-    out["conformers"] = sorted(conf, key=lambda x: x[0])
+    ev = pathlib.Path(workdir) / "eval"
+    conf = {int(f.parent.name[5:]): json.loads(f.read_text())["summary"] for f in ev.glob("step_*/conformers.json")}
+    if not conf and (ev / "conformers.json").exists() and rows:
+        conf[max(r["step"] for r in rows)] = json.loads((ev / "conformers.json").read_text())["summary"]
+    out["conformers"] = sorted(conf.items())
     return out
 
 

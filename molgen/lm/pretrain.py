@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -138,6 +140,10 @@ def train_and_evaluate(config, workdir: str):
     if config.eval.num_molecules > 0:
         params = jax.device_get(state.params)
         results = evaluate.evaluate(config, workdir, model_cfg, params, source["test"])
+        if jax.process_index() == 0:  # kept per step: a longer run on this workdir overwrites eval/
+            step_dir = pathlib.Path(workdir) / "eval" / f"step_{tc.steps}"
+            step_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy(pathlib.Path(workdir) / "eval" / "conformers.json", step_dir / "conformers.json")
         log.info("conformer evaluation: %s", {k: v for k, v in results.items() if not isinstance(v, (list, dict))})
     if jax.process_index() == 0:
         try:
