@@ -14,7 +14,7 @@ Variants (`--config=experiments/lm_grpo.py:VARIANT`):
   geometry  from the CPU recipe's final checkpoint (runs/lm_long,
         experiments/lm_pretrain_moses.py:cpu_long, built first when missing): the geometry reward
         (smcov 5 at delta 0.75 plus r_qual exp(-D / 1 A) weight 2, which still ranks 1 A above
-        1.5 A where smcov pays ~0), 40 steps of 8 prompts x 8 completions at T=0.7, beta 0.04; the
+        1.5 A where smcov pays ~0), 30 steps of 8 prompts x 8 completions at T=0.7, beta 0.04; the
         held-out evaluation at the pretraining evaluation's temperature 0.5, so COV/MAT before
         and after compare with the pretraining tables.
       python -m molgen.main --config=experiments/lm_grpo.py:geometry --workdir=runs/lm_grpo_geometry
@@ -74,7 +74,7 @@ def get_config(variant: str = "quick"):
         cfg.sampling.temperature = 0.7
         cfg.rewards = lm_post.rewards(w_qual=2.0, sigma=1.0)
         cfg.optim.lr = 2e-4
-        cfg.train.update(dict(steps=40, eval_every=20))
+        cfg.train.update(dict(steps=30, eval_every=15))
         cfg.eval.temperature = 0.5
     if tiny:
         cfg.grpo.update(dict(prompts_per_step=4, group_size=4, minibatches=2, max_len=256))
