@@ -44,6 +44,12 @@ def coverage_matching(d: np.ndarray, delta: float = 0.75) -> dict[str, float]:
     }
 
 
+def standard_error(xs) -> float:
+    """Standard error of the mean (sample std, ddof 1); NaN for fewer than two values."""
+    xs = np.asarray(xs, float)
+    return float(xs.std(ddof=1) / np.sqrt(len(xs))) if len(xs) > 1 else float("nan")
+
+
 def aggregate(records: list[dict], mat_cap: float = 3.0) -> dict:
     """COV/MAT over molecules, each with its standard error over molecules (`_se`), from
     per-molecule {n_valid, cov_r, mat_r, cov_p, mat_p}. COV counts a molecule with no valid
@@ -65,7 +71,7 @@ def aggregate(records: list[dict], mat_cap: float = 3.0) -> dict:
     for k, xs in cols.items():
         xs = np.asarray(xs, float)
         out[k] = float(xs.mean()) if len(xs) else float("nan")
-        out[f"{k}_se"] = float(xs.std(ddof=1) / np.sqrt(len(xs))) if len(xs) > 1 else float("nan")
+        out[f"{k}_se"] = standard_error(xs)
     out["no_valid_share"] = 1.0 - len(valid) / max(len(records), 1)
     return out
 

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from molgen.chem import conformers
 from molgen.core import logging as mlog
 from molgen.core import loop
 from molgen.core import streams as streams_lib
@@ -259,7 +260,7 @@ def pair_eval(model, params, ref, rows) -> dict:
     keys = np.unique(cluster)
     for k in ("win_rate", "logp_win_rate", "margin"):
         m = np.asarray([np.mean(cols[k][cluster == c]) for c in keys])
-        out[f"{k}_se"] = float(np.std(m, ddof=1) / np.sqrt(len(m))) if len(m) > 1 else float("nan")
+        out[f"{k}_se"] = conformers.standard_error(m)
     out["prompts"] = len(keys)
     return out
 

@@ -136,7 +136,7 @@ def heldout_eval(params, policy: Policy, groups: list[dict], ec, reward_cfg: dic
     # standard errors over molecules (the samples of one molecule are not independent)
     for k, f in (("reward", lambda r: r["reward"]), ("validity", lambda r: float(r["valid"]))):
         per_mol = np.asarray([np.mean([f(r) for r in rs]) for rs in recs], float)
-        out[f"{k}_se"] = float(per_mol.std(ddof=1) / np.sqrt(len(per_mol))) if len(per_mol) > 1 else float("nan")
+        out[f"{k}_se"] = conformers.standard_error(per_mol)
     # the same aggregates as `evaluate` (MAT over all molecules at eval.mat_cap and valid-only, SEs)
     n_valid = [sum(r["valid"] for r in rs) for rs in recs]
     out.update(conformers.aggregate([{"n_valid": n, **c} for n, c in zip(n_valid, covs, strict=True)],
