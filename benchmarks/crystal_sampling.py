@@ -9,7 +9,7 @@ after its compilation (median of --reps calls); "+host" adds the conversion to p
 crystals (lattice matrices from parameters). The ancestral sampler is timed at the same
 batches with fewer reps. The ratio is DDIM-50 crystals/s over ancestral crystals/s.
 
---init=random needs no trained workdir: the same sampler (`crystal.train.Sampler`) over freshly
+--init=random needs no trained workdir: the same sampler (`crystal.train_ldm.Sampler`) over freshly
 initialised VAE and DiT parameters of the sizes of configs/crystal.py (--dataset, --variant),
 every crystal with n_max atoms (--n_max, default perov 5 / mp20 20) and latent scale 1. The
 work per call is the trained model's (same shapes, same number of network evaluations); only
@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from benchmarks.timing import device_info, median_time, write_json  # noqa: E402
-from molgen.crystal import diffusion, sample, train  # noqa: E402
+from molgen.crystal import common, diffusion, structures, train_ldm  # noqa: E402
 
 
 def random_ldm(dataset: str, variant: str, n_max: int):
@@ -40,14 +40,14 @@ def random_ldm(dataset: str, variant: str, n_max: int):
 
     vcfg, lcfg = crystal_cfg.vae(dataset, variant), crystal_cfg.ldm(dataset, variant)
     n_max = n_max or {"perov": 5, "mp20": 20}[dataset]
-    vmodel = train.make_vae(vcfg.model, n_max)
-    vparams = train.init_vae(vmodel, 0, train.example_batch(n_max))
-    dit = train.make_dit(lcfg, vcfg.model.latent, n_max)
-    params = train.init_dit(dit, 0)
+    vmodel = common.make_vae(vcfg.model, n_max)
+    vparams = common.init_vae(vmodel, 0, common.example_batch(n_max))
+    dit = train_ldm.make_dit(lcfg, vcfg.model.latent, n_max)
+    params = train_ldm.init_dit(dit, 0)
     d = lcfg.diffusion
     sched = diffusion.Schedule.linear(d.T, d.beta_start, d.beta_end)
     counts = [0] * n_max + [1]  # every crystal has n_max atoms
-    sampler = train.Sampler(dit, params, sched, vmodel, vparams, 1.0, counts)
+    sampler = train_ldm.Sampler(dit, params, sched, vmodel, vparams, 1.0, counts)
     info = {"n_max": n_max, "latent": vcfg.model.latent, "model": lcfg.model.to_dict(), "vae": vcfg.model.to_dict()}
     return sampler, info
 
@@ -71,7 +71,7 @@ def main():
         if not os.path.exists(os.path.join(args.workdir, "model.json")):
             sys.exit(f"{args.workdir} holds no trained LDM: run an experiments/crystal_ldm_*.py config into it "
                      "first, or pass --init=random")  # fmt: skip
-        sampler, info = train.load_ldm(args.workdir)
+        sampler, info = train_ldm.load_ldm(args.workdir)
         source = args.workdir
     print(f"LDM {source}: n_max {info['n_max']}, latent {info['latent']}, DiT {info['model']}, "
           f"{jax.devices()[0].platform} x{jax.device_count()}")  # fmt: skip
@@ -98,7 +98,7 @@ def main():
 
         def ddim_host(key=key, mask=mask):
             out, _ = sampler.latents(key, mask, steps=args.steps)
-            sample.to_crystals(jax.device_get(out), mask)
+            structures.to_crystals(jax.device_get(out), mask)
 
         def ancestral(key=key, mask=mask):
             jax.block_until_ready(sampler.latents(key, mask, ancestral=True))

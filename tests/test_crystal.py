@@ -163,7 +163,8 @@ def test_ddim_step_logprob_matches_hand_gaussian():
     x = jnp.asarray([[[0.3, -0.2], [0.0, 0.0]]])
     eps = jnp.asarray([[[0.1, 0.4], [0.0, 0.0]]])
     noise = jnp.asarray([[[0.5, -1.0], [7.0, 7.0]]])
-    xp, mean, std, lp = diffusion.ddim_step(sched, x, eps, 30, 20, 1.0, noise, mask)
+    xp, mean, std, lp = diffusion.ddim_step(sched, x, eps, 30, 20, 1.0, noise, mask, reduce="sum")
+    lp_mean = diffusion.ddim_step(sched, x, eps, 30, 20, 1.0, noise, mask)[3]  # default: the mean
     ab = np.cumprod(1 - sched.betas)
     a_t, a_p = ab[30], ab[20]
     x0 = (np.asarray(x) - np.sqrt(1 - a_t) * np.asarray(eps)) / np.sqrt(a_t)
@@ -172,6 +173,24 @@ def test_ddim_step_logprob_matches_hand_gaussian():
     np.testing.assert_allclose(np.asarray(xp)[0, 0], (m + s * np.asarray(noise))[0, 0], rtol=1e-5)
     want = np.sum(-0.5 * (np.asarray(noise)[0, 0] ** 2 + np.log(2 * np.pi * s**2)))
     np.testing.assert_allclose(float(lp[0]), want, rtol=1e-5)
+    np.testing.assert_allclose(float(lp_mean[0]), want / 2, rtol=1e-5)  # 1 real atom x 2 latent dims
+
+
+def test_trajectory_logprobs_reproduce_the_rollout():
+    apply, params, mask = _toy_dit()
+    sched = diffusion.Schedule.linear(100)
+    mask = mask.at[1, 1].set(False)
+    for reduce in ("mean", "sum"):
+        z0, traj = diffusion.sample(apply, params, sched, jax.random.key(4), mask, 4, steps=10, eta=1.0,
+                                    reduce=reduce, trajectory=True)  # fmt: skip
+        assert traj["z"].shape == (11, 2, 3, 4) and traj["logp"].shape == (10, 2)
+        np.testing.assert_array_equal(np.asarray(traj["z"][-1]), np.asarray(z0))
+        assert np.all(np.asarray(traj["logp"][-1]) == 0) and np.all(np.asarray(traj["logp"][:-1]) != 0)  # last: σ = 0
+        lp, std = diffusion.trajectory_logprobs(apply, params, sched, traj, mask, 1.0, reduce=reduce)
+        np.testing.assert_allclose(np.asarray(lp), np.asarray(traj["logp"]), atol=1e-5)
+        assert float(std[-1]) == 0.0 and np.all(np.asarray(std[:-1]) > 0)
+        _, lp_sum = diffusion.sample(apply, params, sched, jax.random.key(4), mask, 4, steps=10, eta=1.0, reduce=reduce)
+        np.testing.assert_allclose(np.asarray(lp_sum), np.asarray(traj["logp"]).sum(0), rtol=1e-5)
 
 
 def test_cfg_guidance_combines_passes():
@@ -329,7 +348,7 @@ def _cscl_nacl(a: float = 3.3, shift=0.0) -> xtal.Crystal:
 
 
 class _EchoVAE:
-    """A stand-in for CrystalVAE in `train.reconstruct`: encode passes the input through and
+    """A stand-in for CrystalVAE in `train_vae.reconstruct`: encode passes the input through and
     decode returns it in the decoder's output format, edited per batch row by `params`
     (added to the atomic numbers and to the fractional coordinates)."""
 
@@ -361,7 +380,7 @@ def test_reconstruct_match_rate_on_hand_made_decodings():
     exactly and CaF2 translated by (0.37, 0.11, 0.5) match (RMS 0); NaCl with Na decoded as K
     does not match (species accuracy 1/2 on it). The batch of 4 has one padding row (a copy of
     row 0, edited so that it would not match): it must not count."""
-    from molgen.crystal import train as xtrain
+    from molgen.crystal import train_vae
 
     caf2 = _fcc(5.463, [[0, 0, 0], [0.25, 0.25, 0.25], [0.75, 0.75, 0.75]], [20, 9, 9])
     cs, n_max = [nacl(), caf2, nacl()], 3
@@ -375,11 +394,11 @@ def test_reconstruct_match_rate_on_hand_made_decodings():
     edits = {"species": np.zeros((4, n_max), np.int32), "frac": np.zeros((4, 3), np.float32)}
     edits["frac"][1] = [0.37, 0.11, 0.5]
     edits["species"][2, 0] = edits["species"][3, 0] = 19 - 11  # Na -> K
-    rec = xtrain.reconstruct(_EchoVAE(), edits, split, batch=4)
+    rec = train_vae.reconstruct(_EchoVAE(), edits, split, batch=4)
     assert rec["n"] == 3 and rec["match_rate"] == pytest.approx(2 / 3)
     assert rec["rmse"] == pytest.approx(0.0, abs=1e-4)
     assert rec["species_acc"] == pytest.approx((1 + 1 + 0.5) / 3)
-    first = xtrain.reconstruct(_EchoVAE(), edits, split, limit=2, batch=4)  # rows 2 and 3 are padding here
+    first = train_vae.reconstruct(_EchoVAE(), edits, split, limit=2, batch=4)  # rows 2 and 3 are padding here
     assert first["n"] == 2 and first["match_rate"] == 1.0 and first["species_acc"] == 1.0
 
 

@@ -97,26 +97,41 @@ def q_sample(schedule: Schedule, x0, t, noise):
     return jnp.sqrt(ab) * x0 + jnp.sqrt(1.0 - ab) * noise
 
 
-def masked_gaussian_logprob(x, mean, std, mask):
-    """Σ over real atoms and latent dims of log N(x; mean, std²), per crystal (std: (B,)); 0
-    where std = 0."""
+def masked_gaussian_logprob(x, mean, std, mask, reduce: str = "mean"):
+    """log N(x; mean, std²) per crystal (std: (B,)) over its real atoms and latent dims:
+    `reduce="mean"` averages over them (Chemeleon2's RL policy, the default), "sum" sums them.
+    0 where std = 0 (a deterministic step)."""
     var = jnp.maximum(std**2, 1e-20)[:, None, None]
     lp = -0.5 * ((x - mean) ** 2 / var + jnp.log(2 * jnp.pi * var))
     lp = (lp * mask[..., None]).sum((-1, -2))
+    if reduce == "mean":
+        lp = lp / jnp.maximum(mask.sum(-1) * x.shape[-1], 1)
+    elif reduce != "sum":
+        raise ValueError(f"reduce={reduce!r}: expected 'mean' or 'sum'")
     return jnp.where(std > 0, lp, 0.0)
 
 
-def ddim_step(schedule: Schedule, x, eps, t, t_prev, eta, noise, mask):
-    """One DDIM step from t to t_prev (t_prev < 0: to the data). Returns (x_prev, mean, std,
-    log-probability of x_prev under the step's Gaussian)."""
+def ddim_coefficients(schedule: Schedule, t, t_prev, eta):
+    """(√ᾱ_t, √(1-ᾱ_t), √ᾱ_prev, σ, √(1-ᾱ_prev-σ²)) of a DDIM step t -> t_prev (t_prev < 0: the data)."""
     ab = schedule.alpha_bar
     a_t = ab[t]
     a_p = jnp.where(t_prev >= 0, ab[jnp.maximum(t_prev, 0)], 1.0)
-    x0 = (x - jnp.sqrt(1 - a_t) * eps) / jnp.sqrt(a_t)
     std = eta * jnp.sqrt((1 - a_p) / (1 - a_t)) * jnp.sqrt(jnp.maximum(1 - a_t / a_p, 0.0))
-    mean = jnp.sqrt(a_p) * x0 + jnp.sqrt(jnp.maximum(1 - a_p - std**2, 0.0)) * eps
+    return jnp.sqrt(a_t), jnp.sqrt(1 - a_t), jnp.sqrt(a_p), std, jnp.sqrt(jnp.maximum(1 - a_p - std**2, 0.0))
+
+
+def ddim_mean(schedule: Schedule, x, eps, t, t_prev, eta):
+    """(mean, σ) of the DDIM step's Gaussian policy over x_{t_prev}."""
+    s_t, s1_t, s_p, std, dir_p = ddim_coefficients(schedule, t, t_prev, eta)
+    return s_p * (x - s1_t * eps) / s_t + dir_p * eps, std
+
+
+def ddim_step(schedule: Schedule, x, eps, t, t_prev, eta, noise, mask, reduce: str = "mean"):
+    """One DDIM step from t to t_prev (t_prev < 0: to the data). Returns (x_prev, mean, std,
+    log-probability of x_prev under the step's Gaussian, reduced by `reduce`)."""
+    mean, std = ddim_mean(schedule, x, eps, t, t_prev, eta)
     x_prev = (mean + std * noise) * mask[..., None]
-    return x_prev, mean, std, masked_gaussian_logprob(x_prev, mean, jnp.full(x.shape[:1], std), mask)
+    return x_prev, mean, std, masked_gaussian_logprob(x_prev, mean, jnp.full(x.shape[:1], std), mask, reduce)
 
 
 def ancestral_step(schedule: Schedule, x, eps, t, noise, mask):
@@ -158,17 +173,28 @@ def _with_drops(cond: dict, flag):
     return out
 
 
+def ddim_schedule(schedule: Schedule, steps: int):
+    """(t, t_prev) of each DDIM step, t_prev = -1 for the last (to the data)."""
+    ts = ddim_timesteps(schedule.T, steps)
+    return ts, np.concatenate([ts[1:], [-1]]).astype(np.int32)
+
+
 def sample(apply, params, schedule: Schedule, rng, mask, latent: int, *, steps: int = 50, eta: float = 0.0,
-           cond: dict | None = None, guidance: float = 1.0, ancestral: bool = False, x_init=None):  # fmt: skip
+           cond: dict | None = None, guidance: float = 1.0, ancestral: bool = False, x_init=None,
+           reduce: str = "mean", trajectory: bool = False):  # fmt: skip
     """z_0 latents (B, N, latent) for the atom masks `mask`, from DDIM (`steps`, `eta`) or the
-    full ancestral chain (`apply(params, z, t, mask, **conditions) -> ε`); also returns the
-    summed per-step log-probabilities (DDIM; 0 for the ancestral chain and for η = 0).
-    `x_init`: the starting noise z_T (default: drawn from `rng`)."""
+    full ancestral chain (`apply(params, z, t, mask, **conditions) -> ε`), and the per-step
+    log-probabilities (DDIM, reduced by `reduce`) summed over the steps (0 for the ancestral
+    chain and for η = 0). `x_init`: the starting noise z_T (default: drawn from `rng`).
+    `trajectory=True` (DDIM) returns (z_0, {"z": (S+1, B, N, latent) from z_T to z_0,
+    "logp": (S, B) per step, "t", "t_prev": (S,)}) instead: what RL over the chain stores."""
     cond = cond or {}
     k0, k1 = jax.random.split(rng)
     x = jax.random.normal(k0, (*mask.shape, latent)) if x_init is None else x_init
     x = x * mask[..., None]
     if ancestral:
+        if trajectory:
+            raise ValueError("trajectory=True needs the DDIM sampler (ancestral=False)")
         ts = jnp.arange(schedule.T - 1, -1, -1, dtype=jnp.int32)
 
         def body(x, inp):
@@ -178,19 +204,43 @@ def sample(apply, params, schedule: Schedule, rng, mask, latent: int, *, steps: 
 
         x, _ = jax.lax.scan(body, x, (ts, jax.random.split(k1, schedule.T)))
         return x, jnp.zeros(mask.shape[0])
-    ts = ddim_timesteps(schedule.T, steps)
-    prev = np.concatenate([ts[1:], [-1]]).astype(np.int32)
+    ts, prev = ddim_schedule(schedule, steps)
 
-    def body(carry, inp):
-        x, lp = carry
+    def body(x, inp):
         t, tp, key = inp
         eps = guided_eps(apply, params, x, t, mask, cond, guidance)
-        x, _, _, step_lp = ddim_step(schedule, x, eps, t, tp, eta, jax.random.normal(key, x.shape), mask)
-        return (x, lp + step_lp), None
+        x, _, _, step_lp = ddim_step(schedule, x, eps, t, tp, eta, jax.random.normal(key, x.shape), mask, reduce)
+        return x, (x, step_lp) if trajectory else step_lp
 
-    (x, lp), _ = jax.lax.scan(body, (x, jnp.zeros(mask.shape[0])), (jnp.asarray(ts), jnp.asarray(prev),
-                                                                     jax.random.split(k1, len(ts))))  # fmt: skip
-    return x, lp
+    x_T = x
+    x, out = jax.lax.scan(body, x, (jnp.asarray(ts), jnp.asarray(prev), jax.random.split(k1, len(ts))))
+    if not trajectory:
+        return x, out.sum(0)
+    zs, lps = out
+    return x, {"z": jnp.concatenate([x_T[None], zs]), "logp": lps, "t": jnp.asarray(ts), "t_prev": jnp.asarray(prev)}
+
+
+def trajectory_logprobs(apply, params, schedule: Schedule, traj: dict, mask, eta: float, *, cond: dict | None = None,
+                        guidance: float = 1.0, reduce: str = "mean", remat: bool = True):  # fmt: skip
+    """Per-step log-probabilities (S, B) of a stored DDIM trajectory (`sample(..., trajectory=True)`)
+    under `params`, and the per-step σ (S,): log N(z_{i+1}; mean_params(z_i, t_i), σ_i²). With the
+    rollout's own parameters this reproduces `traj["logp"]` (ratio 1). Each DiT call is
+    rematerialised (`remat`), so the memory of the backward pass does not grow with the steps."""
+    cond = cond or {}
+
+    def one(z, z_next, t, tp):
+        eps = guided_eps(apply, params, z, t, mask, cond, guidance)
+        mean, std = ddim_mean(schedule, z, eps, t, tp, eta)
+        return masked_gaussian_logprob(z_next, mean, jnp.full(z.shape[:1], std), mask, reduce), std
+
+    one = jax.checkpoint(one) if remat else one
+
+    def body(_, inp):
+        return None, one(*inp)
+
+    z = traj["z"]
+    _, (lp, std) = jax.lax.scan(body, None, (z[:-1], z[1:], traj["t"], traj["t_prev"]))
+    return lp, std
 
 
 def make_loss(apply, schedule: Schedule, encode, cfg):

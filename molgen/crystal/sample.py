@@ -1,4 +1,4 @@
-"""From decoder outputs to crystals and CIF files (host side), and the sampling CLI:
+"""The crystal sampling CLI:
 
     python -m molgen.crystal.sample --workdir=runs/crystal_ldm_perov --out=runs/samples [--n=500]
         [--steps=50 --eta=0 --guidance=2] [--property=3.0] [--composition=Sr1Ti1O3] [--metrics]
@@ -14,42 +14,9 @@ import os
 import numpy as np
 from absl import flags
 
-from molgen.chem import crystal as xtal
 from molgen.core import cli
-
-
-def to_crystals(out: dict, mask) -> list[xtal.Crystal | None]:
-    """Decoder outputs (numpy) -> crystals; None where the decoded lattice admits no cell."""
-    mask = np.asarray(mask, bool)
-    n = mask.sum(-1)
-    species = np.asarray(out["species_logits"]).argmax(-1) + 1
-    frac = np.mod(np.asarray(out["frac"], np.float64), 1.0)
-    lengths = np.asarray(out["lengths"], np.float64) * np.cbrt(np.maximum(n, 1))[:, None]
-    angles = np.rad2deg(np.asarray(out["angles"], np.float64))
-    crystals = []
-    for i in range(len(n)):
-        try:
-            lat = xtal.lattice_matrix(np.concatenate([lengths[i], angles[i]]))
-        except xtal.CrystalError:
-            crystals.append(None)
-            continue
-        crystals.append(xtal.Crystal(lat, frac[i][mask[i]], species[i][mask[i]]))
-    return crystals
-
-
-def write_cifs(crystals, folder: str, prefix: str = "sample") -> list[str]:
-    """One CIF per crystal (a None entry is skipped); returns the paths written."""
-    from pymatgen.io.cif import CifWriter
-
-    os.makedirs(folder, exist_ok=True)
-    paths = []
-    for i, c in enumerate(crystals):
-        if c is None:
-            continue
-        p = os.path.join(folder, f"{prefix}_{i:05d}.cif")
-        CifWriter(xtal.to_structure(c)).write_file(p)
-        paths.append(p)
-    return paths
+from molgen.crystal import common, train_ldm
+from molgen.crystal.structures import write_cifs
 
 
 def _flags(fv):
@@ -76,9 +43,9 @@ def _cli(args, argv):
     from pymatgen.core import Composition
 
     from configs.crystal import DATA_DIR
-    from molgen.crystal import diffusion, metrics, train
+    from molgen.crystal import diffusion, metrics
 
-    sampler, info = train.load_ldm(args.workdir)  # not a finished LDM run: cli.run says so in one line
+    sampler, info = train_ldm.load_ldm(args.workdir)  # not a finished LDM run: cli.run says so in one line
     cond, atoms = {}, 0
     if args.property is not None:
         if not info["cond"]["property"]:
@@ -94,15 +61,15 @@ def _cli(args, argv):
         species = np.asarray([el.Z for el, k in comp.items() for _ in range(int(k))])
         cond["composition"] = np.asarray(diffusion.composition(species[None], np.ones((1, atoms), bool)))[0]
     sc = types.SimpleNamespace(batch=min(args.batch, args.n), steps=args.steps, eta=args.eta, guidance=args.guidance)
-    crystals, logp = train.draw(sampler, sc, args.n, args.seed, cond, atoms)
+    crystals, logp = train_ldm.draw(sampler, sc, args.n, args.seed, cond, atoms)
     paths = write_cifs(crystals, args.out)
     result = {"workdir": args.workdir, "n": args.n, "written": len(paths), "condition": {k: np.asarray(v).tolist()
               for k, v in cond.items()}, "steps": args.steps, "eta": args.eta, "guidance": args.guidance}  # fmt: skip
     if args.metrics:
         with open(os.path.join(info["vae_workdir"], "model.json")) as f:
             vae_info = json.load(f)
-        _, _, splits, _ = train.load_splits(ml_collections.ConfigDict({"data_dir": DATA_DIR}), vae_info)
-        rates, _ = metrics.evaluate(crystals, train.crystals_of(splits["train"]), train.crystals_of(splits["test"]))
+        _, _, splits, _ = common.load_splits(ml_collections.ConfigDict({"data_dir": DATA_DIR}), vae_info)
+        rates, _ = metrics.evaluate(crystals, common.crystals_of(splits["train"]), common.crystals_of(splits["test"]))
         result["metrics"] = rates
     result["mean_step_logprob_sum"] = float(np.mean(logp))
     with open(os.path.join(args.out, "samples.json"), "w") as f:
