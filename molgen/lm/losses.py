@@ -33,12 +33,15 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
 
 
-def group_advantages(rewards_PxG, scale: bool = True, eps: float = 1e-4):
+def group_advantages(rewards_PxG, scale: bool = True, eps: float = 1e-4, zero_std: float = 0.0):
+    """A = r - mean over the group, / (std (ddof 1) + eps) when `scale`; A = 0 for a group whose
+    std is below `zero_std` (Chemeleon2's guard, 1e-4: a group of near-ties teaches nothing)."""
     r = jnp.asarray(rewards_PxG, jnp.float32)
     adv = r - r.mean(axis=-1, keepdims=True)
+    std = jnp.std(r, axis=-1, ddof=1, keepdims=True)
     if scale:
-        adv = adv / (jnp.std(r, axis=-1, ddof=1, keepdims=True) + eps)
-    return adv
+        adv = adv / (std + eps)
+    return jnp.where(std < zero_std, 0.0, adv)
 
 
 def k3_kl(logp, ref_logp):
