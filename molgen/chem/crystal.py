@@ -391,6 +391,13 @@ class MatchIndex:
                                     np.asarray([self._fp[i].lengths for i in ix]).reshape(-1, 3),
                                     np.asarray([self._fp[i].amd for i in ix]).reshape(len(ix), -1))  # fmt: skip
 
+    def amds(self, formula: str) -> np.ndarray:
+        """(k, AMD_K) AMD vectors of the structures of this reduced formula (k = 0 if none)."""
+        if formula not in self._by_formula:
+            return np.zeros((0, AMD_K))
+        self.build([formula])
+        return self._buckets[formula][3]
+
     def candidates(self, q: Fingerprint | None, below: int | None = None) -> np.ndarray:
         """Indices (in the order added, below `below` if given) of the structures that may match q,
         nearest AMD (L-infinity) first."""
