@@ -110,12 +110,12 @@ def test_group_advantages():
     np.testing.assert_allclose(losses.group_advantages(r), [[x / (std + 1e-4) for x in (-2, -1, 0, 3)]], rtol=1e-6)
 
 
-
 def test_group_advantages_zero_std_guard():
     """Chemeleon2's form: std with ddof 1 + 1e-4, and A = 0 where the group's std is below 1e-4."""
     a = losses.group_advantages([[1.0, 2.0, 3.0], [4.0, 4.0, 4.0], [1.0, 1.0 + 1e-5, 1.0]], zero_std=1e-4)
     np.testing.assert_allclose(np.asarray(a), [[-1 / (1 + 1e-4), 0, 1 / (1 + 1e-4)], [0, 0, 0], [0, 0, 0]], rtol=1e-6)
     assert np.asarray(losses.group_advantages([[1.0, 1.0 + 1e-5, 1.0]]))[0, 1] > 0  # without the guard: scaled up
+
 
 def test_grpo_one_step_is_the_policy_gradient():
     """With pi_old = pi (one optimisation step per batch) the ratio is 1 and the gradient of the
