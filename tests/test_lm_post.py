@@ -244,7 +244,7 @@ def test_ensure_run_builds_once_and_other_processes_wait(tmp_path, monkeypatch):
     import subprocess
     import types
 
-    from molgen.lm import policy
+    from molgen.core import upstream as policy
 
     w, calls = tmp_path / "pre", []
 
