@@ -136,6 +136,9 @@ def test_dpo_risk_killed_resumes_with_same_beta_threshold_and_data(chain, tmp_pa
     betas = [r["beta"] for r in a]
     assert betas[:4] == [0.1] * 4 and len(set(betas)) > 2  # fixed through warmup, then moving
     assert (ref / "plots" / "dpo_beta.png").exists() and (ref / "summary.json").exists()
+    first = json.loads((ref / "summary.json").read_text())
+    cli("experiments/lm_dpo_dynamic_beta.py:tiny", ref, *args)  # a finished run started again
+    assert first["after"] and json.loads((ref / "summary.json").read_text())["after"] == first["after"]
 
 
 HH = [

@@ -340,6 +340,8 @@ def train_and_evaluate(config, workdir: str):
         out = pair_eval(model, params, held_ref, held_rows)
         if groups and jax.process_index() == 0:
             out.update(rollouts.heldout_eval(params, pol, groups, config.eval, config.rewards.to_dict(), pool))
+        if step == tc.steps and jax.process_index() == 0:  # kept, so that a restarted finished run still reports it
+            loop.write_json(workdir, "eval_after.json", out)
         return out
 
     ctrl_ref = None
@@ -363,7 +365,9 @@ def train_and_evaluate(config, workdir: str):
         if pool is not None:
             pool.close()
     if jax.process_index() == 0:
-        summary = {"before": json.loads(before.read_text()), "after": final, "beta_mode": dc.beta_mode}
+        after = pathlib.Path(workdir) / "eval_after.json"
+        after = json.loads(after.read_text()) if after.exists() else final
+        summary = {"before": json.loads(before.read_text()), "after": after, "beta_mode": dc.beta_mode}
         loop.write_json(workdir, "summary.json", summary)
         try:
             plot_beta([workdir], pathlib.Path(workdir) / "plots" / "dpo_beta.png")
