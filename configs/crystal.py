@@ -29,6 +29,18 @@ def data(dataset: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(data_dir=DATA_DIR, n_max=0, seed=0, **DATASETS[dataset]))
 
 
+def upstream_config(model: str, dataset: str, variant: str) -> str:
+    """The experiment that builds a missing upstream run (core.upstream.ensure_run); the same
+    variant, so a quick LDM builds a quick VAE. Empty (`--config.vae_config=`): never build."""
+    return f"experiments/crystal_{model}_{dataset}.py" + ("" if variant == "quick" else f":{variant}")
+
+
+def upstream_workdir(model: str, dataset: str, variant: str) -> str:
+    """runs/crystal_MODEL_DATASET for quick, with a _full or _tiny suffix otherwise (a tiny test
+    run never lands where a quick run would look)."""
+    return f"runs/crystal_{model}_{dataset}" + ("" if variant == "quick" else f"_{variant}")
+
+
 def vae(dataset: str, variant: str) -> ml_collections.ConfigDict:
     variant = common.check_variant(variant, ("quick", "full", "tiny"))
     cfg = common.base("crystal_vae")
@@ -54,7 +66,8 @@ def vae(dataset: str, variant: str) -> ml_collections.ConfigDict:
 def ldm(dataset: str, variant: str) -> ml_collections.ConfigDict:
     variant = common.check_variant(variant, ("quick", "full", "tiny"))
     cfg = common.base("crystal_ldm")
-    cfg.vae_workdir = f"runs/crystal_vae_{dataset}"
+    cfg.vae_workdir = upstream_workdir("vae", dataset, variant)
+    cfg.vae_config = upstream_config("vae", dataset, variant)  # builds vae_workdir when it has not finished
     cfg.predictor_workdir = ""  # a crystal_predictor run: predicted property of conditional samples
     cfg.data_dir = DATA_DIR
     cfg.model = ml_collections.ConfigDict(dict(dim=192, heads=6, layers=4))
@@ -64,8 +77,10 @@ def ldm(dataset: str, variant: str) -> ml_collections.ConfigDict:
     cfg.cond = ml_collections.ConfigDict(
         dict(composition=False, property="band_gap" if dataset == "mp20" else "", drop=0.2)
     )
+    cfg.predictor_config = ""
     if dataset == "mp20":
-        cfg.predictor_workdir = "runs/crystal_predictor_mp20"
+        cfg.predictor_workdir = upstream_workdir("predictor", dataset, variant)
+        cfg.predictor_config = upstream_config("predictor", dataset, variant)
     cfg.sample = ml_collections.ConfigDict(
         dict(n=500, n_conditional=200, batch=500, steps=50, eta=0.0, guidance=2.0, seed=0, targets=(0.0, 3.0))
     )
@@ -92,7 +107,8 @@ def ldm(dataset: str, variant: str) -> ml_collections.ConfigDict:
 def predictor(dataset: str, variant: str) -> ml_collections.ConfigDict:
     variant = common.check_variant(variant, ("quick", "full", "tiny"))
     cfg = common.base("crystal_predictor")
-    cfg.vae_workdir = f"runs/crystal_vae_{dataset}"
+    cfg.vae_workdir = upstream_workdir("vae", dataset, variant)
+    cfg.vae_config = upstream_config("vae", dataset, variant)
     cfg.data_dir = DATA_DIR
     cfg.targets = {"perov": ("heat_ref", "dir_gap"), "mp20": ("band_gap", "formation_energy_per_atom")}[dataset]
     cfg.model = ml_collections.ConfigDict(dict(hidden=(256, 256)))
@@ -105,4 +121,49 @@ def predictor(dataset: str, variant: str) -> ml_collections.ConfigDict:
         cfg.model.hidden = (16,)
         cfg.train.update(dict(batch_size=8, log_every=1, eval_every=2))
         cfg.ckpt.every_steps = 2
+    return cfg
+
+
+def rl(dataset: str, variant: str) -> ml_collections.ConfigDict:
+    """GRPO over the LDM's DDIM chain with the de-novo reward (molgen.crystal.rl; Chemeleon2's
+    rl_module.yaml and mp_20/rl_dng.yaml: 5 prompts x 64 samples, clip 1e-3, k3 KL 1 to the
+    rollout policy, entropy 1e-5, two minibatches, AdamW lr 1e-5, gradient clip 1)."""
+    variant = common.check_variant(variant, ("quick", "full", "tiny"))
+    cfg = common.base("crystal_rl")
+    cfg.ldm_workdir = upstream_workdir("ldm", dataset, variant)
+    cfg.ldm_config = upstream_config("ldm", dataset, variant)
+    cfg.data_dir = DATA_DIR
+    cfg.rl = ml_collections.ConfigDict(
+        dict(
+            prompts_per_step=5,
+            group_size=64,
+            steps=50,
+            eta=1.0,
+            reduce="mean",
+            clip=1e-3,
+            kl=1.0,
+            entropy=1e-5,
+            minibatches=2,
+            zero_std=1e-4,
+        )  # fmt: skip
+    )
+    cfg.reward = ml_collections.ConfigDict(
+        dict(
+            weights=dict(creativity=1.0, energy=1.0, structure_diversity=0.1, composition_diversity=1.0),
+            hull_supported_only=False,  # True: a sample whose system holds no training compound scores E_hull 1
+            ref_features=50000,  # training crystals drawn for the diversity reference (all when fewer)
+        )
+    )
+    cfg.eval = ml_collections.ConfigDict(dict(n=1000, batch=500, steps=50, etas=(1.0, 0.0), seed=1234, chgnet=True))
+    cfg.optim = common.optim(name="adamw", lr=1e-5, weight_decay=0.0, schedule="constant", warmup_steps=0,
+                             clip_norm=1.0)  # fmt: skip
+    steps = {"tiny": 4, "quick": 40, "full": 1000}[variant]
+    cfg.train = common.train(steps=steps, batch_size=cfg.rl.prompts_per_step, log_every=1, eval_every=steps, seed=0)
+    cfg.ckpt = common.ckpt(every_steps=10, keep=2, best_metric="")
+    if variant == "tiny":
+        cfg.rl.update(dict(prompts_per_step=2, group_size=4, steps=5))
+        cfg.train.batch_size = 2
+        cfg.ckpt.every_steps = 2
+        cfg.reward.weights.energy = 0.0  # no CHGNet in the tiny test (the hull has its own tests)
+        cfg.eval.update(dict(n=8, batch=8, steps=5, chgnet=False))
     return cfg

@@ -22,6 +22,7 @@ FAMILIES = {
     "crystal_vae": "molgen.crystal.train_vae",
     "crystal_ldm": "molgen.crystal.train_ldm",
     "crystal_predictor": "molgen.crystal.train_predictor",
+    "crystal_rl": "molgen.crystal.rl",
     "lm_sft": "molgen.lm.sft",
     "lm_rollouts": "molgen.lm.rollouts",
     "lm_grpo": "molgen.lm.grpo",

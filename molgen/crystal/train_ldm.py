@@ -19,6 +19,7 @@ import numpy as np
 from molgen.core import checkpoint, loop
 from molgen.core import step as core_step
 from molgen.core.distributed import make_mesh
+from molgen.core.upstream import ensure_run
 from molgen.crystal import diffusion, structures
 from molgen.crystal.common import batches, crystals_of, eval_means, load_splits, load_vae, pipeline, property_index
 from molgen.crystal.train_predictor import load_predictor, predict_crystals
@@ -49,7 +50,7 @@ def init_dit(dit: diffusion.DiT, seed: int):
 
 def train_ldm(config, workdir: str):
     mesh = make_mesh(config.mesh.num_devices)
-    vmodel, vparams, info = load_vae(config.vae_workdir)
+    vmodel, vparams, info = load_vae(ensure_run(config.vae_workdir, config.vae_config))
     builder, src, splits, dcfg = load_splits(config, info)
     n_max, latent = vmodel.n_max, vmodel.latent
     mu = encode_split(vmodel, vparams, splits["train"])
@@ -178,7 +179,8 @@ def evaluate_samples(config, workdir, sampler: Sampler, train_c, test_c, hull) -
     result["unconditional"] = rates
     log.info("unconditional samples: %s", " ".join(f"{k} {v:.4g}" for k, v in rates.items()))
     if config.cond.property and sc.targets:
-        pred_fn, pinfo = load_predictor(config.predictor_workdir) if config.predictor_workdir else (None, None)
+        pw = config.predictor_workdir and ensure_run(config.predictor_workdir, config.predictor_config)
+        pred_fn, pinfo = load_predictor(pw) if pw else (None, None)
         result["property"] = {}
         for target in sc.targets:
             cs, _ = draw(sampler, sc, sc.n_conditional, sc.seed + 1, {"prop": np.float32(target)})

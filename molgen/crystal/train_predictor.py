@@ -16,6 +16,7 @@ import numpy as np
 
 from molgen.core import checkpoint, loop
 from molgen.core.distributed import make_mesh
+from molgen.core.upstream import ensure_run
 from molgen.crystal import vae
 from molgen.crystal.common import batches, example_batch, load_splits, load_vae, pipeline, property_index
 
@@ -40,7 +41,7 @@ def predictor_features(vmodel, vparams):
 
 def train_predictor(config, workdir: str):
     mesh = make_mesh(config.mesh.num_devices)
-    vmodel, vparams, info = load_vae(config.vae_workdir)
+    vmodel, vparams, info = load_vae(ensure_run(config.vae_workdir, config.vae_config))
     builder, src, splits, dcfg = load_splits(config, info)
     idx = np.asarray([property_index(dcfg, t) for t in config.targets])
     y = splits["train"]["properties"][:, idx]
