@@ -7,6 +7,8 @@ from molgen.lm import tokenizer
 _PRESETS = {
     # name: (d_model, n_layers, n_heads, n_kv_heads, head_dim, d_ff)
     "test": (64, 2, 4, 2, 16, 128),
+    "cpu_tiny": (128, 4, 4, 2, 32, 384),
+    "cpu_mini": (192, 4, 4, 2, 48, 576),
     "cpu_small": (256, 4, 4, 2, 64, 768),
     "cpu_base": (384, 6, 6, 2, 64, 1152),
     "qwen3_25m": (512, 8, 8, 4, 64, 1536),
