@@ -161,8 +161,8 @@ def rl(dataset: str, variant: str) -> ml_collections.ConfigDict:
     cfg.train = common.train(steps=steps, batch_size=cfg.rl.prompts_per_step, log_every=1, eval_every=steps, seed=0)
     cfg.ckpt = common.ckpt(every_steps=10, keep=2, best_metric="")
     if variant == "tiny":
-        cfg.rl.update(dict(prompts_per_step=2, group_size=4, steps=5))
-        cfg.train.batch_size = 2
+        cfg.rl.update(dict(prompts_per_step=4, group_size=2, steps=5))  # 4 prompts: the tests' 4 fake devices
+        cfg.train.batch_size = 4
         cfg.ckpt.every_steps = 2
         cfg.reward.weights.energy = 0.0  # no CHGNet in the tiny test (the hull has its own tests)
         cfg.eval.update(dict(n=8, batch=8, steps=5, chgnet=False))
