@@ -238,20 +238,26 @@ def rl_loss_fn(sampler, rc):
 
 
 # --- family entry ------------------------------------------------------------------------------
-def train_and_evaluate(config, workdir: str):
-    if config.ckpt.init_from:
-        raise ValueError("crystal_rl starts from ldm_workdir; ckpt.init_from is not used")
-    mesh = make_mesh(config.mesh.num_devices)
+def setup(config):
+    """(sampler of the LDM run, its model.json, the VAE's data splits, RewardContext); builds the
+    LDM run (and its VAE) first when it has not finished."""
     sampler, info = load_ldm(ensure_run(config.ldm_workdir, config.ldm_config))
     with open(os.path.join(info["vae_workdir"], "model.json")) as f:
         vae_info = json.load(f)
     builder, _, splits, _ = load_splits(config, vae_info)
+    hull = None
+    if rc_uses_energy(config) or config.eval.chgnet:
+        hull = metrics.Hull(crystals_of(splits["train"]), cache=os.path.join(builder.data_dir, "chgnet_hull.json"))
+    return sampler, info, splits, RewardContext(config, sampler, splits, hull)
+
+
+def train_and_evaluate(config, workdir: str):
+    if config.ckpt.init_from:
+        raise ValueError("crystal_rl starts from ldm_workdir; ckpt.init_from is not used")
+    mesh = make_mesh(config.mesh.num_devices)
+    sampler, info, splits, ctx = setup(config)
     rc, tc, ec = config.rl, config.train, config.eval
     main = jax.process_index() == 0
-    hull = None
-    if rc_uses_energy(config) or ec.chgnet:
-        hull = metrics.Hull(crystals_of(splits["train"]), cache=os.path.join(builder.data_dir, "chgnet_hull.json"))
-    ctx = RewardContext(config, sampler, splits, hull)
     test_c = crystals_of(splits["test"])
     counts = splits["train"]["mask"].sum(-1)
     n_streams, streams = mesh.shape["data"], loop.local_streams(mesh)
