@@ -167,3 +167,18 @@ def rl(dataset: str, variant: str) -> ml_collections.ConfigDict:
         cfg.reward.weights.energy = 0.0  # no CHGNet in the tiny test (the hull has its own tests)
         cfg.eval.update(dict(n=8, batch=8, steps=5, chgnet=False))
     return cfg
+
+
+def csp(dataset: str, variant: str) -> ml_collections.ConfigDict:
+    """Crystal structure prediction (molgen.crystal.csp): the LDM of `ldm()` conditioned on
+    composition only (classifier-free guidance, drop 0.2, scale 2), then `csp.k` samples for each
+    test composition, scored by StructureMatcher against the test crystal (DiffCSP's protocol)."""
+    cfg = ldm(dataset, variant)
+    cfg.family = "crystal_csp"
+    cfg.cond.update(dict(composition=True, property=""))
+    cfg.predictor_workdir, cfg.predictor_config = "", ""
+    cfg.sample.update(dict(n=200, targets=()))
+    cfg.csp = ml_collections.ConfigDict(dict(k=20, seed=0, steps=50, eta=0.0, guidance=2.0, batch=500, n_test=0))
+    if variant == "tiny":
+        cfg.csp.update(dict(k=2, steps=5, batch=8, n_test=4))
+    return cfg

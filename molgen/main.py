@@ -23,6 +23,7 @@ FAMILIES = {
     "crystal_ldm": "molgen.crystal.train_ldm",
     "crystal_predictor": "molgen.crystal.train_predictor",
     "crystal_rl": "molgen.crystal.rl",
+    "crystal_csp": "molgen.crystal.csp",
     "lm_sft": "molgen.lm.sft",
     "lm_rollouts": "molgen.lm.rollouts",
     "lm_grpo": "molgen.lm.grpo",
