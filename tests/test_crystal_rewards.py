@@ -19,9 +19,18 @@ def test_uniqueness_and_creativity_of_rock_salt_twice_and_a_cscl_type():
     got = rewards.creativity(samples, unique, novel, index)
     # sample 0 is unique but not novel: its nearest non-zero AMD distance among the NaCl
     # structures (training rock salt: 0, sample 1: 0, the CsCl type: > 0) is the CsCl type's
-    want0 = np.abs(xtal.amd(_cscl_nacl()) - xtal.amd(nacl())).max()
-    assert want0 > 0.1
+    unit = lambda c: xtal.amd(c) / (xtal.volume(c.lattice) / len(c.species)) ** (1 / 3)  # noqa: E731
+    want0 = np.abs(unit(_cscl_nacl()) - unit(nacl())).max()
+    assert 0.05 < want0 < 1.0
     np.testing.assert_allclose(got, [want0, 0.0, 1.0], rtol=1e-9)
+    # a rock salt 20% larger matches the training crystal (the matcher scales volumes) and scores
+    # its shape difference, 0, not the ~Å size difference of its raw AMD
+    big = xtal.Crystal(nacl().lattice * 1.2, nacl().frac, nacl().species)
+    u, v = metrics.unique_novel([big, _cscl_nacl()], np.ones(2, bool), index, workers=1)
+    np.testing.assert_array_equal(u & ~v, [True, False])
+    assert np.abs(xtal.amd(big) - xtal.amd(nacl())).max() > 1.0
+    c = rewards.creativity([big, _cscl_nacl()], u, v, index)
+    np.testing.assert_allclose(c, [np.abs(unit(_cscl_nacl()) - unit(nacl())).max(), 1.0], rtol=1e-6)
 
 
 def test_energy_part_minmax_on_hand_values():

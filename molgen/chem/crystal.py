@@ -233,6 +233,12 @@ def amd(c, k: int = AMD_K) -> np.ndarray:
     return d[order][first[:, None] + np.arange(k)].mean(0)
 
 
+def amd_scale(c: Crystal) -> float:
+    """(V/n)^(1/3) in Å: dividing an AMD by it compares shapes, not sizes (StructureMatcher, too,
+    scales both structures to one volume before it compares them)."""
+    return float((volume(c.lattice) / len(c.species)) ** (1 / 3))
+
+
 def _minima(lattice) -> np.ndarray:
     """Successive minima of a pymatgen Lattice: the shortest vector, the shortest one independent of
     it, the shortest one independent of both (greedy over the vectors no longer than the longest
@@ -399,12 +405,16 @@ class MatchIndex:
                                     np.asarray([self._fp[i].lengths for i in ix]).reshape(-1, 3),
                                     np.asarray([self._fp[i].amd for i in ix]).reshape(len(ix), -1))  # fmt: skip
 
-    def amds(self, formula: str) -> np.ndarray:
-        """(k, AMD_K) AMD vectors of the structures of this reduced formula (k = 0 if none)."""
+    def amds(self, formula: str, per_volume: bool = False) -> np.ndarray:
+        """(k, AMD_K) AMD vectors of the structures of this reduced formula (k = 0 if none); with
+        `per_volume`, in units of each structure's (V/n)^(1/3) (`amd_scale`)."""
         if formula not in self._by_formula:
             return np.zeros((0, AMD_K))
         self.build([formula])
-        return self._buckets[formula][3]
+        ix, _, _, a = self._buckets[formula]
+        if per_volume:
+            a = a / np.asarray([amd_scale(self._crystals[i]) for i in ix])[:, None]
+        return a
 
     def candidates(self, q: Fingerprint | None, below: int | None = None) -> np.ndarray:
         """Indices (in the order added, below `below` if given) of the structures that may match q,
