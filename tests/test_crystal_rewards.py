@@ -57,6 +57,7 @@ def test_mmd_leave_one_out_gain_against_the_pairwise_form():
     g, r = rng.normal(size=(6, 3)), rng.normal(0.5, 1.0, size=(5, 3))
     want = [_mmd2(np.delete(g, i, 0), r) - _mmd2(g, r) for i in range(len(g))]
     np.testing.assert_allclose(rewards.mmd_gain(g, r), want, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(rewards.mmd_gain(g, r, rewards.mmd_ref_term(r)), want, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="mmd_gain needs"):
         rewards.mmd_gain(g[:2], r)
 

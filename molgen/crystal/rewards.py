@@ -49,18 +49,30 @@ def energy(e_hull, supported=None) -> np.ndarray:
     return -np.clip(e, 0.0, 1.0)
 
 
-def mmd_gain(gen, ref) -> np.ndarray:
+def _poly(a, b, d: int):
+    return (a @ b.T / d + 1.0) ** 3
+
+
+def mmd_ref_term(ref) -> float:
+    """The reference set's own term of the unbiased MMD^2 (mean off-diagonal kernel): it does not
+    change between RL steps, so `RewardContext` computes it once."""
+    r = np.asarray(ref, np.float64)
+    n = len(r)
+    k_rr = _poly(r, r, r.shape[1])
+    return float((k_rr.sum() - np.trace(k_rr)) / (n * (n - 1)))
+
+
+def mmd_gain(gen, ref, ref_term: float | None = None) -> np.ndarray:
     """Leave-one-out MMD gain of each generated row against `ref` (M >= 3 rows of features (M, d)
     and (N, d)): MMD^2 of the set without the sample minus MMD^2 of the whole set, with unbiased
     within-set terms and the polynomial kernel (x.y / d + 1)^3. Positive: the sample makes the
-    generated set more like the reference set."""
+    generated set more like the reference set. `ref_term`: `mmd_ref_term(ref)`, if already known."""
     g, r = np.asarray(gen, np.float64), np.asarray(ref, np.float64)
     m, n, d = len(g), len(r), g.shape[1]
     if m < 3 or n < 2:
         raise ValueError(f"mmd_gain needs >= 3 generated and >= 2 reference rows, got {m} and {n}")
-    k = lambda a, b: (a @ b.T / d + 1.0) ** 3  # noqa: E731
-    k_gg, k_gr, k_rr = k(g, g), k(g, r), k(r, r)
-    r_term = (k_rr.sum() - np.trace(k_rr)) / (n * (n - 1))
+    k_gg, k_gr = _poly(g, g, d), _poly(g, r, d)
+    r_term = mmd_ref_term(r) if ref_term is None else ref_term
     big_g, c = k_gg.sum() - np.trace(k_gg), k_gr.sum()
     full = big_g / (m * (m - 1)) + r_term - 2 * c / (m * n)
     s, t = k_gg.sum(1) - np.diag(k_gg), k_gr.sum(1)

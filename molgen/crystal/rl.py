@@ -88,6 +88,7 @@ class RewardContext:
         pick = np.random.default_rng(0).choice(len(mu), n_ref, replace=False) if n_ref < len(mu) else slice(None)
         self.ref_structure = np.asarray(self.structure_fn(mu, tr["mask"]))[pick]
         self.ref_composition = np.asarray(self.composition_fn(tr["species"], tr["mask"]))[pick]
+        self.ref_terms = (rewards.mmd_ref_term(self.ref_structure), rewards.mmd_ref_term(self.ref_composition))
 
     def score(self, crystals, z, species, mask) -> tuple[np.ndarray, dict, dict, dict]:
         """(total reward, raw parts, per-sample facts, seconds per part) of one set of samples;
@@ -109,9 +110,10 @@ class RewardContext:
             raw["energy"] = rewards.energy(e, facts["supported"] if self.supported_only else None)
             secs["energy"] = time.time() - t
         t = time.time()
-        raw["structure_diversity"] = rewards.mmd_gain(np.asarray(self.structure_fn(z, mask)), self.ref_structure)
+        raw["structure_diversity"] = rewards.mmd_gain(np.asarray(self.structure_fn(z, mask)), self.ref_structure,
+                                                      self.ref_terms[0])  # fmt: skip
         raw["composition_diversity"] = rewards.mmd_gain(np.asarray(self.composition_fn(species, mask)),
-                                                        self.ref_composition)  # fmt: skip
+                                                        self.ref_composition, self.ref_terms[1])  # fmt: skip
         secs["mmd"] = time.time() - t
         total, _ = rewards.combine(raw, w)
         return total, raw, facts, secs
