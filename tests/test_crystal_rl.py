@@ -75,7 +75,9 @@ def test_rl_killed_resumes_to_the_same_parameters_and_rollouts(ldm, tmp_path):
     s = json.loads((wd / "summary.json").read_text())
     for when in ("before", "after"):
         assert set(s[when]) == {"eta1", "eta0"}
-        assert {"valid", "valid_se", "unique", "novel", "reward", "distinct_formulas"} <= set(s[when]["eta1"])
+        assert {"valid", "valid_se", "unique", "novel", "reward", "distinct_formulas", "r_creativity_se"} <= set(
+            s[when]["eta1"]
+        )
 
 
 def test_csp_cli_tiny(ldm, tmp_path):

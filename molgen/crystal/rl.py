@@ -167,6 +167,10 @@ def evaluate_policy(sampler, ctx: RewardContext, test_c, ec, params) -> dict:
             r["sun_hull_supported"] = float(facts["supported"][sun].mean()) if sun.any() else float("nan")
             r["sun_count"] = int(sun.sum())
         r.update({f"r_{k}": float(np.mean(v)) for k, v in raw.items()})
+        r.update({f"r_{k}_se": float(np.std(v, ddof=1) / np.sqrt(len(v))) for k, v in raw.items() if len(v) > 1})
+        if "e_hull" in facts:  # the share a demanding reader checks on a weak model: E_hull <= 1 eV/atom
+            le1 = float((np.nan_to_num(facts["e_hull"], nan=9.0) <= 1.0).mean())
+            r["e_hull_le1"], r["e_hull_le1_se"] = le1, _se(le1, n)
         r["reward"] = float(np.mean(total))
         ok = [c for c, v in zip(cs, per["struct_valid"] & per["comp_valid"], strict=True) if v]
         r["distinct_formulas"] = len({xtal.formula_key(c.species) for c in ok})
