@@ -26,6 +26,19 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds"))
 
 
+def kill_when(proc, ready, timeout: float = 600.0) -> None:
+    """SIGKILL `proc` as soon as `ready()` holds (polled every 10 ms), or when it has ended or
+    `timeout` seconds have passed; the caller checks where the run was killed."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def run_cli(workdir, data_dir, *overrides, devices=4, check=True, timeout=600):
     cmd = [
         sys.executable,

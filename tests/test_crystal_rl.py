@@ -2,14 +2,13 @@
 killed mid-way resumes to the same parameters, rollouts and evaluation as an uninterrupted one."""
 
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
+from test_cli import kill_when
 from test_crystal import ROOT, _cli, tiny_csvs  # noqa: F401  (a fixture)
 
 from molgen.core import checkpoint
@@ -45,13 +44,8 @@ def test_rl_killed_resumes_to_the_same_parameters_and_rollouts(ldm, tmp_path):
     cmd = [sys.executable, "-m", "molgen.main", cfg, f"--workdir={wd}", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     trace = wd / "rollouts.jsonl"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if trace.exists() and trace.read_text().count("\n") >= 3:  # step 3 traced, checkpoint 4 not yet written
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # step 3 traced, checkpoint 4 not yet written
+    kill_when(proc, lambda: trace.exists() and trace.read_text().count("\n") >= 3)
     done = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
     assert done == [2], f"not killed between steps 3 and 4: checkpoints {done}"
     res = _cli("experiments/crystal_rl_mp20.py:tiny", wd, *args)

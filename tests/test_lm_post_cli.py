@@ -13,7 +13,7 @@ import time
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_cli import ROOT, _env
+from test_cli import ROOT, _env, kill_when
 
 from molgen.lm import dpo, rewards, rollouts, sequences, tokenizer
 
@@ -241,13 +241,8 @@ def test_grpo_killed_resumes_at_the_same_data_position(chain, tmp_path):
     cmd = [sys.executable, "-m", "molgen.main", "--config=experiments/lm_grpo.py:tiny", f"--workdir={wd}", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     trace = wd / "rollouts.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if trace.exists() and trace.read_text().count("\n") >= 5:  # step 5 traced, checkpoint 8 not yet written
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # step 5 traced, checkpoint 8 not yet written
+    kill_when(proc, lambda: trace.exists() and trace.read_text().count("\n") >= 5, timeout=300)
     traced = trace.read_text().count("\n")
     done = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
     assert done == [4] and traced >= 5, f"not killed between steps 5 and 8: checkpoints {done}, {traced} traced"

@@ -87,8 +87,8 @@ def batches(split: dict, size: int, keys=KEYS, limit: int = 0):
 # ----------------------------------------------------------------------------- shared VAE pieces
 
 
-def load_vae(workdir: str):
-    """(model, params, model.json) of a finished VAE workdir."""
+def vae_info(workdir: str) -> dict:
+    """model.json of a finished VAE workdir (what its data splits need), without its parameters."""
     wd = pathlib.Path(workdir).expanduser()
     if not (wd / "model.json").exists():
         raise FileNotFoundError(
@@ -97,6 +97,13 @@ def load_vae(workdir: str):
     info = json.loads((wd / "model.json").read_text())
     if info.get("kind") != "crystal_vae":
         raise ValueError(f"vae_workdir={workdir!r}: model.json is a {info.get('kind')!r}, not a crystal_vae")
+    return info
+
+
+def load_vae(workdir: str):
+    """(model, params, model.json) of a finished VAE workdir."""
+    wd = pathlib.Path(workdir).expanduser()
+    info = vae_info(workdir)
     mc = ml_collections.ConfigDict(
         {k: info[k] for k in ("dim", "heads", "enc_layers", "dec_layers", "latent", "n_fourier")}
     )

@@ -25,7 +25,7 @@ import numpy as np
 
 from molgen.chem import crystal as xtal
 from molgen.crystal import diffusion, structures
-from molgen.crystal.common import crystals_of, load_splits, load_vae
+from molgen.crystal.common import crystals_of, load_splits, vae_info
 
 log = logging.getLogger("molgen")
 
@@ -108,8 +108,7 @@ def train_and_evaluate(config, workdir: str):
         raise ValueError("crystal_csp needs cond.composition=True (a composition-conditioned LDM)")
     train_ldm.train_ldm(config, workdir)
     sampler, info = train_ldm.load_ldm(workdir)
-    _, _, vinfo = load_vae(info["vae_workdir"])
-    _, _, splits, _ = load_splits(config, vinfo)
+    _, _, splits, _ = load_splits(config, vae_info(info["vae_workdir"]))
     refs = crystals_of(splits["test"])
     if config.csp.n_test:
         refs = refs[: config.csp.n_test]

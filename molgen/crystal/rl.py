@@ -33,6 +33,7 @@ import logging
 import os
 import pathlib
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +48,7 @@ from molgen.core.distributed import make_mesh
 from molgen.core.step import global_batch
 from molgen.core.upstream import ensure_run
 from molgen.crystal import diffusion, metrics, rewards, structures
-from molgen.crystal.common import crystals_of, load_splits
+from molgen.crystal.common import crystals_of, load_splits, vae_info
 from molgen.crystal.train_ldm import encode_split, load_ldm
 from molgen.lm import losses
 
@@ -146,7 +147,7 @@ def evaluate_policy(sampler, ctx: RewardContext, test_c, ec, params) -> dict:
     sampler.params = params
     out = {}
     for eta in ec.etas:
-        sc = type("S", (), dict(batch=min(ec.batch, ec.n), steps=ec.steps, eta=float(eta), guidance=1.0))
+        sc = types.SimpleNamespace(batch=min(ec.batch, ec.n), steps=ec.steps, eta=float(eta), guidance=1.0)
         t = time.time()
         cs, _, z, species, mask = draw_with_latents(sampler, sc, ec.n, ec.seed)
         rates, per = metrics.evaluate(cs, ctx.train, test_c, ctx.hull)
@@ -248,9 +249,7 @@ def setup(config):
     """(sampler of the LDM run, its model.json, the VAE's data splits, RewardContext); builds the
     LDM run (and its VAE) first when it has not finished."""
     sampler, info = load_ldm(ensure_run(config.ldm_workdir, config.ldm_config))
-    with open(os.path.join(info["vae_workdir"], "model.json")) as f:
-        vae_info = json.load(f)
-    builder, _, splits, _ = load_splits(config, vae_info)
+    builder, _, splits, _ = load_splits(config, vae_info(info["vae_workdir"]))
     hull = None
     if rc_uses_energy(config) or config.eval.chgnet:
         hull = metrics.Hull(crystals_of(splits["train"]), cache=os.path.join(builder.data_dir, "chgnet_hull.json"))

@@ -66,9 +66,8 @@ def _cli(args, argv):
     result = {"workdir": args.workdir, "n": args.n, "written": len(paths), "condition": {k: np.asarray(v).tolist()
               for k, v in cond.items()}, "steps": args.steps, "eta": args.eta, "guidance": args.guidance}  # fmt: skip
     if args.metrics:
-        with open(os.path.join(info["vae_workdir"], "model.json")) as f:
-            vae_info = json.load(f)
-        _, _, splits, _ = common.load_splits(ml_collections.ConfigDict({"data_dir": DATA_DIR}), vae_info)
+        vinfo = common.vae_info(info["vae_workdir"])
+        _, _, splits, _ = common.load_splits(ml_collections.ConfigDict({"data_dir": DATA_DIR}), vinfo)
         rates, _ = metrics.evaluate(crystals, common.crystals_of(splits["train"]), common.crystals_of(splits["test"]))
         result["metrics"] = rates
     result["mean_step_logprob_sum"] = float(np.mean(logp))
