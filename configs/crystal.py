@@ -151,6 +151,7 @@ def rl(dataset: str, variant: str) -> ml_collections.ConfigDict:
         dict(
             weights=dict(creativity=1.0, energy=1.0, structure_diversity=0.1, composition_diversity=1.0),
             hull_supported_only=False,  # True: a sample whose system holds no training compound scores E_hull 1
+            energy_clip=1.0,  # eV/atom: -clip(E_hull, 0, energy_clip) (Chemeleon2: 1)
             ref_features=50000,  # training crystals drawn for the diversity reference (all when fewer)
         )
     )

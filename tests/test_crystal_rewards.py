@@ -39,6 +39,10 @@ def test_energy_part_minmax_on_hand_values():
     np.testing.assert_allclose(rewards.minmax(e), [1 / (1 + 1e-4), 0.5 / (1 + 1e-4), 0.0, 0.0], rtol=1e-12)
     np.testing.assert_array_equal(rewards.minmax([0.3, 0.3 + 1e-5]), [0.0, 0.0])  # a flat part teaches nothing
     np.testing.assert_allclose(rewards.energy([0.05, 0.05], supported=[True, False]), [-0.05, -1.0])
+    # a wider clip keeps the signal above 1 eV/atom; a missing energy counts as the clip
+    np.testing.assert_allclose(rewards.energy([-0.2, 0.5, 3.0, 12.0, np.nan], clip=10.0), [0, -0.5, -3, -10, -10])
+    with pytest.raises(ValueError, match="energy_clip"):
+        rewards.energy([0.1], clip=0.0)
 
 
 def _mmd2(g, r):

@@ -13,6 +13,8 @@ normalised over them, weighted and summed (Chemeleon2, `rl_module.yaml` / `mp_20
   is clipped to 1. On perov_5 quick the raw form gave known samples 3.7 on average (mean
   creativity 1.8 over the step's samples, 70% of them new at 1).
 - energy (weight 1, min-max): -clip(E_hull, 0, 1), a failed or missing E_hull counting as 1 eV/atom.
+  `energy_clip` moves the 1 eV/atom: a weak model whose samples all lie above 1 eV/atom gets no
+  signal from the default (MP-20 subset quick, docs/crystal.md).
   `hull_supported_only`: a sample whose chemical system holds no training compound counts as 1
   eV/atom too, since its E_hull is measured against elemental references alone (`hull_supported`).
 - structure diversity (weight 0.1) and composition diversity (weight 1), both min-max: the
@@ -40,13 +42,15 @@ def minmax(x, eps: float = 1e-4) -> np.ndarray:
     return np.clip((x - x.min()) / (x.max() - x.min() + eps), 0.0, 1.0)
 
 
-def energy(e_hull, supported=None) -> np.ndarray:
-    """-clip(E_hull, 0, 1) eV/atom; NaN (no energy) and, where `supported` is given, an unsupported
-    chemical system count as 1."""
-    e = np.nan_to_num(np.asarray(e_hull, np.float64), nan=1.0)
+def energy(e_hull, supported=None, clip: float = 1.0) -> np.ndarray:
+    """-clip(E_hull, 0, clip) eV/atom; NaN (no energy) and, where `supported` is given, an
+    unsupported chemical system count as `clip`. Chemeleon2 clips at 1 eV/atom."""
+    if not clip > 0:
+        raise ValueError(f"reward.energy_clip must be > 0, got {clip}")
+    e = np.nan_to_num(np.asarray(e_hull, np.float64), nan=clip)
     if supported is not None:
-        e = np.where(np.asarray(supported, bool), e, 1.0)
-    return -np.clip(e, 0.0, 1.0)
+        e = np.where(np.asarray(supported, bool), e, clip)
+    return -np.clip(e, 0.0, clip)
 
 
 def _poly(a, b, d: int):

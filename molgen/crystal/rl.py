@@ -78,6 +78,7 @@ class RewardContext:
     def __init__(self, config, sampler, splits, hull):
         self.weights = dict(config.reward.weights)
         self.supported_only = bool(config.reward.hull_supported_only)
+        self.energy_clip = float(config.reward.get("energy_clip", 1.0))
         self.train = crystals_of(splits["train"])
         self.index = xtal.MatchIndex(self.train)
         self.systems = [frozenset(int(z) for z in c.species) for c in self.train]
@@ -108,7 +109,7 @@ class RewardContext:
             t = time.time()
             e = self.hull.e_above_hull(crystals) if self.hull is not None else np.full(len(crystals), np.nan)
             facts["e_hull"] = e
-            raw["energy"] = rewards.energy(e, facts["supported"] if self.supported_only else None)
+            raw["energy"] = rewards.energy(e, facts["supported"] if self.supported_only else None, self.energy_clip)
             secs["energy"] = time.time() - t
         t = time.time()
         raw["structure_diversity"] = rewards.mmd_gain(np.asarray(self.structure_fn(z, mask)), self.ref_structure,
@@ -172,6 +173,8 @@ def evaluate_policy(sampler, ctx: RewardContext, test_c, ec, params) -> dict:
         if "e_hull" in facts:  # the share a demanding reader checks on a weak model: E_hull <= 1 eV/atom
             le1 = float((np.nan_to_num(facts["e_hull"], nan=9.0) <= 1.0).mean())
             r["e_hull_le1"], r["e_hull_le1_se"] = le1, _se(le1, n)
+            e1 = rewards.energy(facts["e_hull"])  # Chemeleon2's energy part, whatever reward.energy_clip is
+            r["energy_clip1"], r["energy_clip1_se"] = float(e1.mean()), float(e1.std(ddof=1) / np.sqrt(n))
         r["reward"] = float(np.mean(total))
         ok = [c for c, v in zip(cs, per["struct_valid"] & per["comp_valid"], strict=True) if v]
         r["distinct_formulas"] = len({xtal.formula_key(c.species) for c in ok})
