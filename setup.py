@@ -37,7 +37,9 @@ EXTRAS = {
     "crystal": ["pymatgen", "smact==3.2.0", "scipy"],
     # CHGNet (weights ship in the wheel) for the E_hull proxy; runs in PyTorch, outside JAX.
     "chgnet": ["chgnet==0.4.2", "torch==2.13.0"],
-    "atomica": [],
+    # gemmi reads PDB/mmCIF (altlocs, entities); Biopython's Shrake-Rupley gives the binding-site
+    # baseline's solvent accessibility; RDKit perceives ligand connectivity for the fragments.
+    "atomica": ["e3nn-jax==0.21.0", "gemmi==0.7.5", "biopython==1.88", "rdkit", "scipy"],
     "test": ["pytest", "pytest-xdist", "ruff"],
 }
 EXTRAS["all"] = sorted({p for v in EXTRAS.values() for p in v})
