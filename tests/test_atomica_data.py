@@ -51,8 +51,11 @@ def test_interface_selection_and_crop_match_brute_force():
     want = [i for i, b in enumerate(prot.blocks) if cdist(b.x, xl).min() < 8.0]
     assert (ex["block_segment"] == 0).sum() == len(want)
     assert (ex["block_segment"] == 1).sum() == len(atp.blocks)  # every ATP block touches the protein
-    np.testing.assert_allclose(np.sort(ex["block_dist"][ex["block_segment"] == 0]),
-                               np.sort([cdist(prot.blocks[i].x, xl).min() for i in want]), atol=1e-4)
+    np.testing.assert_allclose(
+        np.sort(ex["block_dist"][ex["block_segment"] == 0]),
+        np.sort([cdist(prot.blocks[i].x, xl).min() for i in want]),
+        atol=1e-4,
+    )
     assert len(ex["x"]) == len(ex["element"]) == len(ex["atom_block"])
     small = ad.interface_item(prot, atp, 8.0, 20, "1xdn")  # crop: the 20 blocks closest to the partner
     d_all = np.sort(np.concatenate([ex["block_dist"]]))
@@ -71,8 +74,17 @@ def _write(path, lines):
 def source(tmp_path_factory):
     """Real entries, a Docking Benchmark pair, the two shipped bad files, and crafted bad input."""
     src = tmp_path_factory.mktemp("complexes")
-    for name in ("1xdn.pdb.gz", "1vfy.pdb.gz", "4yb0.pdb.gz", "1tf6.pdb.gz", "3o1h.pdb.gz", "bad_empty.pdb",
-                 "bad_non-pdb.pdb", "4dst.pdb.gz", "4dst_protonated.pdb.gz"):
+    for name in (
+        "1xdn.pdb.gz",
+        "1vfy.pdb.gz",
+        "4yb0.pdb.gz",
+        "1tf6.pdb.gz",
+        "3o1h.pdb.gz",
+        "bad_empty.pdb",
+        "bad_non-pdb.pdb",
+        "4dst.pdb.gz",
+        "4dst_protonated.pdb.gz",
+    ):
         shutil.copy(PLIP / name, src / name)
     for name in ("1A2K_r_b-matched.pdb.gz", "1A2K_l_b-matched.pdb.gz"):
         shutil.copy(BM5 / name, src / name)

@@ -230,7 +230,8 @@ def collect(c: InterfaceConfig) -> tuple[list[dict], list[dict], dict]:
             continue
         eid = entry_id(path)
         if eid in seen:
-            skipped.append({"file": path, "reason": f"another file of entry {eid} was read ({os.path.basename(seen[eid])})"})
+            why = f"another file of entry {eid} was read ({os.path.basename(seen[eid])})"
+            skipped.append({"file": path, "reason": why})
             continue
         seen[eid] = path
         mols = read(path)
@@ -239,7 +240,8 @@ def collect(c: InterfaceConfig) -> tuple[list[dict], list[dict], dict]:
                 add(mod, a, b, path, eid, False)
     for eid, sides in sorted(bm5.items()):
         if set(sides) != {"r", "l"}:
-            skipped.append({"file": next(iter(sides.values())), "reason": "Docking Benchmark receptor or ligand file missing"})
+            why = "Docking Benchmark receptor or ligand file missing"
+            skipped.append({"file": next(iter(sides.values())), "reason": why})
             continue
         r, lg = read(sides["r"]), read(sides["l"])
         if r is None or lg is None:

@@ -123,10 +123,9 @@ def fragments(path: str = str(VOCAB_PATH)) -> list:
 
 def _connectivity(elements, x):
     """RDKit molecule (no bond orders) with bonds from the coordinates."""
+    import gemmi
     from rdkit import Chem
     from rdkit.Chem import rdDetermineBonds
-
-    import gemmi
 
     lines = [f"{gemmi.Element(int(z)).name} {p[0]:.4f} {p[1]:.4f} {p[2]:.4f}" for z, p in zip(elements, x, strict=True)]
     mol = Chem.MolFromXYZBlock(f"{len(lines)}\n\n" + "\n".join(lines))
@@ -223,7 +222,8 @@ def read(path: str) -> dict:
         if ".cif" in pathlib.Path(where).name.lower():
             st = gemmi.read_structure(where)
         else:
-            with (gzip.open(where, "rt", errors="replace") if where.endswith(".gz") else open(where, errors="replace")) as f:
+            opener = gzip.open if where.endswith(".gz") else open
+            with opener(where, "rt", errors="replace") as f:
                 st = gemmi.read_pdb_string(_clean_pdb(f.read())[0])
     except Exception as e:  # gemmi raises RuntimeError/ValueError with its own message
         raise ComplexError(f"{where}: not a readable structure ({e})") from e
