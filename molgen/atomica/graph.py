@@ -205,20 +205,39 @@ def build(g: dict, k: int = K) -> dict:
     out["atom_src"], out["atom_dst"], out["atom_etype"] = _knn(x, aseg, ok, k)
     s, d, t, dist, cen = block_knn(x, ab, bseg, bglob, k)
     out.update(block_src=s, block_dst=d, block_etype=t, block_edist=dist, block_x=cen.astype(np.float32))
+    if "tor_bonds" in g:
+        out["tor_nbr"], out["tor_nbr_mask"] = torsion_neighbours(x, ok, np.asarray(g["tor_bonds"]), k)
     return out
+
+
+def torsion_neighbours(x, ok, bonds, k: int = K, radius: float = 5.0):
+    """(T, k) indices of the k nearest non-global atoms within `radius` of each bond's midpoint,
+    and their mask (ATOMICA's torsion head reads at most k atoms within 5 Å)."""
+    atoms = np.flatnonzero(ok)
+    if not len(bonds):
+        return np.zeros((0, k), np.int32), np.zeros((0, k), bool)
+    mid = (x[bonds[:, 0]] + x[bonds[:, 1]]) / 2
+    kk = min(k, len(atoms))
+    d, j = cKDTree(x[atoms]).query(mid, k=kk, distance_upper_bound=radius)
+    d, j = d.reshape(len(bonds), kk), j.reshape(len(bonds), kk)
+    mask = np.isfinite(d)
+    nbr = np.where(mask, atoms[np.minimum(j, len(atoms) - 1)], 0)
+    pad = k - kk
+    return (np.pad(nbr, ((0, 0), (0, pad))).astype(np.int32), np.pad(mask, ((0, 0), (0, pad))))
 
 
 # --- padding -----------------------------------------------------------------------------------
 ATOM_KEYS = ("x", "element", "atom_block")
 BLOCK_KEYS = ("block_type", "block_segment", "block_global", "block_x")
-SIZES = ("graphs", "atoms", "blocks", "atom_edges", "block_edges")
+SIZES = ("graphs", "atoms", "blocks", "atom_edges", "block_edges", "torsions")
 
 
 def sizes(graphs: list) -> dict:
     return {"graphs": len(graphs), "atoms": sum(len(g["x"]) for g in graphs),
             "blocks": sum(len(g["block_type"]) for g in graphs),
             "atom_edges": sum(len(g["atom_src"]) for g in graphs),
-            "block_edges": sum(len(g["block_src"]) for g in graphs)}  # fmt: skip
+            "block_edges": sum(len(g["block_src"]) for g in graphs),
+            "torsions": sum(len(g.get("tor_bonds", ())) for g in graphs)}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -231,6 +250,7 @@ class Capacity:
     blocks: int = 64
     atom_edges: int = 64
     block_edges: int = 64
+    torsions: int = 64
 
     def fit(self, need: dict) -> bool:
         grown = {}
@@ -287,6 +307,15 @@ def collate(graphs: list, cap: Capacity, extra_atom=(), extra_block=(), extra_gr
     out["block_edist"] = pad([np.asarray(g["block_edist"]) for g in graphs], cap.block_edges)
     for key in extra_graph:
         out[key] = pad([np.asarray(g[key])[None] for g in graphs], cap.graphs)
+    if all("tor_bonds" in g for g in graphs):
+        nt = cap.torsions
+        out["tor_u"] = pad([np.asarray(g["tor_bonds"][:, 0]) + a_off[i] for i, g in enumerate(graphs)], nt, na - 1)
+        out["tor_v"] = pad([np.asarray(g["tor_bonds"][:, 1]) + a_off[i] for i, g in enumerate(graphs)], nt, na - 1)
+        out["tor_nbr"] = pad([np.asarray(g["tor_nbr"]) + a_off[i] for i, g in enumerate(graphs)], nt, na - 1)
+        out["tor_nbr_mask"] = pad([np.asarray(g["tor_nbr_mask"]) for g in graphs], nt)
+        out["tor_score"] = pad([np.asarray(g["tor_score"], np.float32) for g in graphs], nt)
+        out["tor_graph"] = pad([np.full(len(g["tor_bonds"]), i) for i, g in enumerate(graphs)], nt, cap.graphs - 1)
+        out["tor_mask"] = np.arange(nt) < sum(len(g["tor_bonds"]) for g in graphs)
     out["x"] = out["x"].astype(np.float32)
     out["block_x"] = out["block_x"].astype(np.float32)
     return out
