@@ -212,7 +212,7 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, b: dict) -> dict:
-        na, nb, ng = b["x"].shape[0], b["block_type"].shape[0], b["graph_mask"].shape[0]
+        nb, ng = b["block_type"].shape[0], b["graph_mask"].shape[0]
         h0 = nn.Embed(cx.N_ATOM_TYPES, self.hidden, name="atom_embed")(b["element"])
         h = e3nn.IrrepsArray(f"{self.hidden}x0e", h0)
         ha = Stack(self.layers, self.hidden, self.tp, name="atom_stack")(
