@@ -24,6 +24,7 @@ FAMILIES = {
     "crystal_predictor": "molgen.crystal.train_predictor",
     "crystal_rl": "molgen.crystal.rl",
     "crystal_csp": "molgen.crystal.csp",
+    "atomica_pretrain": "molgen.atomica.pretrain",
     "lm_sft": "molgen.lm.sft",
     "lm_rollouts": "molgen.lm.rollouts",
     "lm_grpo": "molgen.lm.grpo",

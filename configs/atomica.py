@@ -1,0 +1,53 @@
+"""Config groups of the interaction family (ATOMICA): data, model, pretraining."""
+
+import os
+
+import ml_collections
+
+from configs import common
+
+COMPLEXES = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "third_party", "data", "complexes"))
+DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "molgen", "tfds")
+
+
+def data() -> ml_collections.ConfigDict:
+    """The shipped complexes (third_party/data/complexes/SOURCE.md): Docking Benchmark 5 bound
+    pairs and PDB entries with ligands, ions and nucleic acids."""
+    sources = [os.path.join(COMPLEXES, "plip_pdb"), os.path.join(COMPLEXES, "bm5_bound")]
+    return ml_collections.ConfigDict(dict(sources=sources, cutoff=8.0, max_blocks=256, fractions=(0.1, 0.15), seed=0,
+                                          data_dir=DATA_DIR))  # fmt: skip
+
+
+def model(tp: str = "fully_connected") -> ml_collections.ConfigDict:
+    """ATOMICA's sizes: hidden 32, 4 layers per level, 4 heads, 4 pooling attention layers."""
+    return ml_collections.ConfigDict(dict(hidden=32, layers=4, heads=4, pool_layers=4, tp=tp))
+
+
+def pretrain(variant: str) -> ml_collections.ConfigDict:
+    """ATOMICA's pretraining (scripts/pretrain.sh): Adam lr 1e-4, weight decay 1e-3, loss weights
+    1 / 0.1 / 1 / 1, 10% of blocks masked. quick: the depthwise tensor product, lr 1e-3 with
+    warm-up and cosine decay, sized for 20 minutes on 2 CPU cores; full: the faithful
+    fully-connected tensor product at lr 1e-4."""
+    variant = common.check_variant(variant, ("quick", "full", "tiny"))
+    cfg = common.base("atomica_pretrain")
+    cfg.data = data()
+    cfg.model = model("depthwise" if variant in ("quick", "tiny") else "fully_connected")
+    cfg.noise = ml_collections.ConfigDict(dict(mask_ratio=0.1))
+    cfg.capacity = ml_collections.ConfigDict(dict(atoms=4096, blocks=512, atom_edges=65536, block_edges=8192,
+                                                  torsions=1024))  # fmt: skip
+    cfg.eval = ml_collections.ConfigDict(dict(batch=8, seed=0, max_items=0))  # max_items: per split, 0 = all
+    if variant == "full":
+        cfg.optim = common.optim(name="adamw", lr=1e-4, weight_decay=1e-3, b2=0.999, clip_norm=0.0,
+                                 schedule="constant", warmup_steps=0)  # fmt: skip
+        cfg.train = common.train(steps=50000, batch_size=8, log_every=100, eval_every=2500, seed=0)
+    else:
+        cfg.optim = common.optim(name="adamw", lr=1e-3, weight_decay=1e-3, b2=0.999, clip_norm=1.0,
+                                 schedule="warmup_cosine", warmup_steps=50, final_lr_frac=0.05)  # fmt: skip
+        cfg.train = common.train(steps=600, batch_size=4, log_every=20, eval_every=200, seed=0)
+    cfg.ckpt = common.ckpt(every_steps=100, keep=2, best_metric="eval/loss")
+    if variant == "tiny":
+        cfg.model.update(dict(hidden=8, layers=2, pool_layers=1))
+        cfg.train.update(dict(steps=4, batch_size=4, log_every=1, eval_every=4))
+        cfg.eval.max_items = 4
+        cfg.ckpt.every_steps = 2
+    return cfg
