@@ -51,3 +51,29 @@ def pretrain(variant: str) -> ml_collections.ConfigDict:
         cfg.eval.max_items = 4
         cfg.ckpt.every_steps = 2
     return cfg
+
+
+def binding_site(variant: str) -> ml_collections.ConfigDict:
+    """Per-residue binding sites (molgen.atomica.heads): the pretrained encoder fine-tuned with a
+    residue head, beside the same model from a random encoder and a logistic regression on
+    residue type and solvent accessibility, all on one split."""
+    variant = common.check_variant(variant, ("quick", "full", "tiny"))
+    pre = pretrain(variant)
+    cfg = common.base("atomica_binding_site")
+    cfg.data = data()
+    cfg.model = pre.model
+    cfg.capacity = pre.capacity
+    suffix = "" if variant == "quick" else f"_{variant}"
+    cfg.pretrain_workdir = f"runs/atomica_pretrain{suffix}"
+    cfg.pretrain_config = "experiments/atomica_pretrain.py" + ("" if variant == "quick" else f":{variant}")
+    cfg.site = ml_collections.ConfigDict(dict(patch=128, eval_batch=4, bootstrap=1000))
+    cfg.optim = common.optim(name="adamw", lr=5e-4, weight_decay=1e-3, b2=0.999, clip_norm=1.0,
+                             schedule="warmup_cosine", warmup_steps=20, final_lr_frac=0.05)  # fmt: skip
+    steps = {"quick": 300, "full": 3000, "tiny": 2}[variant]
+    cfg.train = common.train(steps=steps, batch_size=4, log_every=20, eval_every=max(steps // 3, 1), seed=0)
+    cfg.ckpt = common.ckpt(every_steps=100, keep=2, best_metric="eval/auroc", best_mode="max")
+    if variant == "tiny":
+        cfg.site.update(dict(patch=16, bootstrap=20))
+        cfg.train.log_every = 1
+        cfg.ckpt.every_steps = 2
+    return cfg

@@ -25,6 +25,7 @@ FAMILIES = {
     "crystal_rl": "molgen.crystal.rl",
     "crystal_csp": "molgen.crystal.csp",
     "atomica_pretrain": "molgen.atomica.pretrain",
+    "atomica_binding_site": "molgen.atomica.heads",
     "lm_sft": "molgen.lm.sft",
     "lm_rollouts": "molgen.lm.rollouts",
     "lm_grpo": "molgen.lm.grpo",

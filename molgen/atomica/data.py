@@ -351,3 +351,137 @@ def build(cfg, data_dir: str) -> Interfaces:
 
 def report(builder) -> dict:
     return json.loads((pathlib.Path(builder.data_dir) / "build_report.json").read_text())
+
+
+# --- binding sites: one protein, its partner removed, each residue labelled -----------------------
+SITE_KINDS = ("bm5-receptor", "bm5-ligand", "entry")
+SITE_FEATURES = {"x": (None, 3), "element": (None,), "position": (None,), "atom_block": (None,), "block_type": (None,),
+                 "block_segment": (None,), "bonds": (None, 2), "label": (None,), "rsa": (None,)}  # fmt: skip
+
+
+def site_item(prot: cx.Molecule, partner_x: np.ndarray, cutoff: float) -> dict:
+    """A whole protein as one segment, with per-residue labels (an atom within `cutoff` Å of
+    the partner) and relative solvent accessibility (of the protein alone)."""
+    sizes = [len(b.elements) for b in prot.blocks]
+    return {
+        "x": prot.x.astype(np.float32),
+        "element": np.concatenate([b.elements for b in prot.blocks]).astype(np.int32),
+        "position": np.array([position_code(n) for b in prot.blocks for n in b.names], np.int32),
+        "atom_block": np.repeat(np.arange(len(sizes)), sizes).astype(np.int32),
+        "block_type": np.array([b.type for b in prot.blocks], np.int32),
+        "block_segment": np.zeros(len(sizes), np.int32),
+        "bonds": prot.bonds.astype(np.int32).reshape(-1, 2),
+        "label": cx.contact_labels(prot, partner_x, cutoff),
+        "rsa": cx.relative_sasa(prot),
+    }
+
+
+def collect_sites(c: InterfaceConfig, cutoff: float = 5.0) -> tuple[list[dict], list[dict]]:
+    """(proteins with labels, skipped) of the config's sources: each Docking Benchmark receptor
+    and ligand against the other; the protein chains of each whole entry against its ligands,
+    ions and nucleic acids. Entries without a non-protein partner are left out."""
+    files = structure_files(c.sources)
+    items, skipped, bm5, seen = [], [], {}, set()
+
+    def read(path):
+        try:
+            return cx.read(path)
+        except cx.ComplexError as e:
+            skipped.append({"file": path, "reason": str(e)})
+            return None
+
+    def add(prot, partner_x, path, eid, kind, chains):
+        try:
+            ex = site_item(prot, partner_x, cutoff)
+        except cx.ComplexError as e:
+            skipped.append({"file": path, "reason": str(e)})
+            return
+        ex.update(entry=eid, file=os.path.basename(path), kind=SITE_KINDS.index(kind), chains=chains)
+        items.append(ex)
+
+    for path in files:
+        m = BM5.match(pathlib.Path(path).name)
+        if m:
+            bm5.setdefault(m["id"].lower(), {})[m["side"]] = path
+            continue
+        eid = entry_id(path)
+        if eid in seen:
+            continue
+        seen.add(eid)
+        mols = read(path)
+        if mols is None or not mols["protein"]:
+            continue
+        others = mols["ligand"] + mols["ion"] + list(mols["nucleic"].values())
+        if not others:
+            continue
+        prot = cx.merge(list(mols["protein"].values()), "protein", ",".join(mols["protein"]))
+        add(prot, np.concatenate([o.x for o in others]), path, eid, "entry", prot.name)
+    for eid, sides in sorted(bm5.items()):
+        if set(sides) != {"r", "l"}:
+            continue
+        r, lg = read(sides["r"]), read(sides["l"])
+        if r is None or lg is None or not r["protein"] or not lg["protein"]:
+            continue
+        a = cx.merge(list(r["protein"].values()), "protein", ",".join(r["protein"]))
+        b = cx.merge(list(lg["protein"].values()), "protein", ",".join(lg["protein"]))
+        add(a, b.x, sides["r"], eid, "bm5-receptor", a.name)
+        add(b, a.x, sides["l"], eid, "bm5-ligand", b.name)
+    return items, skipped
+
+
+class Sites(tfds.core.GeneratorBasedBuilder):
+    """Whole proteins with per-residue binding-site labels, split by entry exactly as the
+    interfaces of the same sources (so pretraining never sees a test entry)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [InterfaceConfig(name="default")]
+
+    def __init__(self, *, config: InterfaceConfig, **kw):
+        super().__init__(config=config, **kw)
+        self.counts: dict = {}
+
+    def _info(self):
+        feats = {k: tfds.features.Tensor(shape=s, dtype=np.float32 if k in ("x", "rsa") else np.int32)
+                 for k, s in SITE_FEATURES.items()}  # fmt: skip
+        feats.update(entry=tfds.features.Text(), file=tfds.features.Text(), chains=tfds.features.Text(), kind=np.int32)
+        return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(feats))
+
+    def _split_generators(self, dl_manager):
+        c = self.builder_config
+        inter, _, _ = collect(c)
+        entries = collections.defaultdict(set)
+        for ex in inter:
+            entries[ex["entry"]].add(MODALITIES[ex["modality"]])
+        split_of = split_entries(entries, c.fractions, c.seed)
+        items, skipped = collect_sites(c)
+        parts = {s: [ex for ex in items if split_of.get(ex["entry"], "train") == s] for s in SPLITS}
+        self.counts = {
+            "proteins": {
+                s: {k: sum(ex["kind"] == i for ex in parts[s]) for i, k in enumerate(SITE_KINDS)} for s in SPLITS
+            },
+            "residues": {s: int(sum(len(ex["label"]) for ex in parts[s])) for s in SPLITS},
+            "positives": {s: int(sum(ex["label"].sum() for ex in parts[s])) for s in SPLITS},
+            "entries": {s: sorted({ex["entry"] for ex in parts[s]}) for s in SPLITS},
+            "skipped": skipped,
+        }
+        return {s: self._generate_examples(parts[s], s) for s in SPLITS}
+
+    def _generate_examples(self, items, split):
+        for i, ex in enumerate(items):
+            yield f"{split}_{i}", ex
+
+
+def build_sites(cfg, data_dir: str) -> Sites:
+    """Build (once) the binding-site proteins of a `data` config group; writes build_report.json."""
+    sources = tuple(os.path.abspath(os.path.expanduser(s)) for s in cfg.sources)
+    bc = InterfaceConfig(name="", sources=sources, cutoff=float(cfg.cutoff), max_blocks=int(cfg.max_blocks),
+                         fractions=tuple(cfg.fractions), seed=int(cfg.seed))  # fmt: skip
+    bc = dataclasses.replace(bc, name=config_name(bc).replace("interfaces_", "sites_"))
+
+    def finish(builder, out):
+        report = {"config": dataclasses.asdict(bc), **builder.counts}
+        (out / "build_report.json").write_text(json.dumps(report, indent=1, default=str))
+        log.info("binding-site proteins %s, residues %s, positives %s", builder.counts["proteins"],
+                 builder.counts["residues"], builder.counts["positives"])  # fmt: skip
+
+    return build_once(Sites, bc, data_dir, finish)

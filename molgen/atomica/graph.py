@@ -34,58 +34,57 @@ class CapacityOverflow(ValueError):
 
 
 ATOM_EXTRA = ("position", "atom_noised")  # per-atom record keys carried into the graph
-BLOCK_EXTRA = ("block_dist", "mask_target")  # per-block keys (a global block's mask_target is -1)
+BLOCK_EXTRA = ("block_dist", "mask_target", "label", "rsa")  # per block (a global block's targets are -1)
 BOND_KEYS = ("bonds", "tor_bonds")  # atom-index pairs
 
 
 def with_globals(ex: dict) -> dict:
     """The record with a global block and atom per segment, in ATOMICA's layout. Keys kept:
     x, element (atom type), atom_block, block_type, block_segment, `ATOM_EXTRA`, `BLOCK_EXTRA`
-    and `BOND_KEYS` re-indexed, anything else as it is; adds `block_global`."""
+    and `BOND_KEYS` re-indexed, anything else as it is; adds `block_global`. A segment without
+    blocks (a protein on its own) gets no global block."""
     bseg, ablock = np.asarray(ex["block_segment"]), np.asarray(ex["atom_block"])
     x = np.asarray(ex["x"], np.float64)
     aseg = bseg[ablock]
     nb, na = len(bseg), len(x)
-    # new block order: G0, seg-0 blocks, G1, seg-1 blocks (records keep seg 0 before seg 1)
-    n0 = int((bseg == 0).sum())
-    block_new = np.where(np.arange(nb) < n0, np.arange(nb) + 1, np.arange(nb) + 2)
-    a0 = int((aseg == 0).sum())
-    atom_new = np.where(np.arange(na) < a0, np.arange(na) + 1, np.arange(na) + 2)
+    n0, a0 = int((bseg == 0).sum()), int((aseg == 0).sum())
     if (aseg[:a0] != 0).any() or (bseg[:n0] != 0).any():
         raise ValueError("record must list segment 0's blocks and atoms before segment 1's")
+    present = [s for s in (0, 1) if (bseg == s).any()]
+    # new order: G0, seg-0 blocks, G1, seg-1 blocks (a global slot only for a present segment)
+    block_new = np.arange(nb) + 1 + np.where(np.arange(nb) < n0, 0, len(present) - 1)
+    atom_new = np.arange(na) + 1 + np.where(np.arange(na) < a0, 0, len(present) - 1)
+    g_block = {0: 0, 1: n0 + 1 if 0 in present else 0}
+    g_atom = {0: 0, 1: a0 + 1 if 0 in present else 0}
+    nb2, na2 = nb + len(present), na + len(present)
     out = {}
-    centroid = [x[aseg == s].mean(0) for s in (0, 1)]
-    gx = np.zeros((na + 2, 3))
+    gx = np.zeros((na2, 3))
     gx[atom_new] = x
-    gx[0], gx[a0 + 1] = centroid
-    out["x"] = gx
-    el = np.full(na + 2, cx.GLOBAL_ATOM, np.int32)
+    el = np.full(na2, cx.GLOBAL_ATOM, np.int32)
     el[atom_new] = ex["element"]
-    out["element"] = el
-    ab = np.zeros(na + 2, np.int32)
+    ab = np.zeros(na2, np.int32)
     ab[atom_new] = block_new[ablock]
-    ab[a0 + 1] = n0 + 1
-    out["atom_block"] = ab
-    bt = np.full(nb + 2, cx.GLB, np.int32)
+    bt = np.full(nb2, cx.GLB, np.int32)
     bt[block_new] = ex["block_type"]
-    out["block_type"] = bt
-    bs = np.zeros(nb + 2, np.int32)
+    bs = np.zeros(nb2, np.int32)
     bs[block_new] = bseg
-    bs[n0 + 1] = 1
-    out["block_segment"] = bs
-    out["block_global"] = bt == cx.GLB
+    for s in present:
+        gx[g_atom[s]] = x[aseg == s].mean(0)
+        ab[g_atom[s]] = g_block[s]
+        bs[g_block[s]] = s
+    out.update(x=gx, element=el, atom_block=ab, block_type=bt, block_segment=bs, block_global=bt == cx.GLB)
     for k in BOND_KEYS:
         if k in ex:
             out[k] = atom_new[np.asarray(ex[k], np.int64).reshape(-1, 2)].astype(np.int32)
     for k, v in ex.items():
-        if k in out or k in ("x", "element", "atom_block", "block_type", "block_segment"):
+        if k in out:
             continue
         if k in ATOM_EXTRA or k in BLOCK_EXTRA:
             v = np.asarray(v)
-            idx, n = (atom_new, na + 2) if k in ATOM_EXTRA else (block_new, nb + 2)
+            idx, n = (atom_new, na2) if k in ATOM_EXTRA else (block_new, nb2)
             full = np.zeros((n,) + v.shape[1:], v.dtype)
             full[idx] = v
-            if k == "mask_target":
+            if k in ("mask_target", "label"):  # a global block is not a target
                 full[~np.isin(np.arange(n), idx)] = -1
             out[k] = full
         else:

@@ -70,8 +70,8 @@ class GraphBatches:
     """This process's padded graph batches (one flat graph per local device, concatenated) from
     an iterator of per-device lists of graphs; checkpoints the iterator underneath."""
 
-    def __init__(self, it, cap: gr.Capacity):
-        self.it, self.cap = it, cap
+    def __init__(self, it, cap: gr.Capacity, extras: dict | None = None):
+        self.it, self.cap, self.extras = it, cap, EXTRA if extras is None else extras
 
     def __iter__(self):
         return self
@@ -83,7 +83,7 @@ class GraphBatches:
             allg = multihost_utils.process_allgather(np.array([need[k] for k in gr.SIZES]))
             need = dict(zip(gr.SIZES, np.asarray(allg).reshape(-1, len(gr.SIZES)).max(0).tolist(), strict=True))
         self.cap.fit(need)
-        parts = [gr.collate(gs, self.cap, **EXTRA) for gs in per_dev]
+        parts = [gr.collate(gs, self.cap, **self.extras) for gs in per_dev]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def get_state(self) -> bytes:
@@ -97,19 +97,23 @@ class GraphBatches:
             self.it.start_prefetch()
 
 
-def pipeline(source, config, mesh, seed: int) -> GraphBatches:
+def pipeline(source, config, mesh, seed: int, prepare_fn=None, extras: dict | None = None) -> GraphBatches:
+    """This process's `GraphBatches` of `source`: `prepare_fn(record, rng)` (default: the
+    pretraining noise and graphs) on every drawn item, in Grain's reader thread."""
     n_streams = mesh.shape["data"]
     rows = streams.rows_per_stream(config.train.batch_size, n_streams)
-    ratio = float(config.noise.mask_ratio)
+    if prepare_fn is None:
+        ratio = float(config.noise.mask_ratio)
+        prepare_fn = lambda ex, rng: prepare(ex, rng, ratio)  # noqa: E731
 
     def one(stream):
         ds = streams.device_stream(source, stream, n_streams, seed, train=True)
-        ds = ds.random_map(lambda ex, rng: prepare(ex, rng, ratio), seed=seed + 7919 * stream)
+        ds = ds.random_map(prepare_fn, seed=seed + 7919 * stream)
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
         return it.batch(rows, drop_remainder=True, batch_fn=list)
 
     zipped = grain.experimental.ZipIterDataset(parents=[one(s) for s in loop.local_streams(mesh)])
-    return GraphBatches(iter(zipped), gr.Capacity(graphs=rows, **dict(config.capacity)))
+    return GraphBatches(iter(zipped), gr.Capacity(graphs=rows, **dict(config.capacity)), extras)
 
 
 def per_graph_losses(out, b, log_freq):

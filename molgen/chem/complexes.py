@@ -297,3 +297,45 @@ def block_min_distances(a: Molecule, b: Molecule) -> tuple[np.ndarray, np.ndarra
         return np.minimum.reduceat(d, np.cumsum([0] + sizes[:-1])) if sizes else np.zeros(0)
 
     return per_block(a, da), per_block(b, db)
+
+
+# Theoretical maximum accessible surface area per residue (Å^2), Tien et al., PLoS ONE 8, e80635 (2013).
+MAX_ASA = {"ALA": 129.0, "ARG": 274.0, "ASN": 195.0, "ASP": 193.0, "CYS": 167.0, "GLN": 225.0, "GLU": 223.0,
+           "GLY": 104.0, "HIS": 224.0, "ILE": 197.0, "LEU": 201.0, "LYS": 236.0, "MET": 224.0, "PHE": 240.0,
+           "PRO": 159.0, "SER": 155.0, "THR": 172.0, "TRP": 285.0, "TYR": 263.0, "VAL": 174.0}  # fmt: skip
+
+
+def relative_sasa(mol: Molecule) -> np.ndarray:
+    """Relative solvent accessibility of each block (residue) of a protein on its own:
+    Biopython's Shrake-Rupley SASA over the residue's heavy atoms, divided by its maximum (Tien
+    et al. 2013; 200 Å^2 for UNK), clipped to [0, 1.5]."""
+    import io
+
+    import gemmi
+    from Bio.PDB import PDBParser
+    from Bio.PDB.SASA import ShrakeRupley
+
+    lines, serial = [], 1
+    for r, b in enumerate(mol.blocks):
+        name = block_name(b.type) if AA_START <= b.type < NT_START else "UNK"
+        for z, nm, p in zip(b.elements, b.names, b.x, strict=True):
+            el = gemmi.Element(int(z)).name.upper()
+            atom = nm if len(nm) >= 4 else f" {nm:<3}"
+            lines.append(f"ATOM  {serial % 100000:5d} {atom:4s} {name:3s} A{(r + 1) % 10000:4d}    "
+                         f"{p[0]:8.3f}{p[1]:8.3f}{p[2]:8.3f}  1.00  0.00          {el:>2s}")  # fmt: skip
+            serial += 1
+    st = PDBParser(QUIET=True).get_structure("p", io.StringIO("\n".join(lines) + "\nEND\n"))
+    ShrakeRupley().compute(st[0], level="R")
+    residues = list(st[0].get_residues())
+    if len(residues) != len(mol.blocks):  # residue numbers wrap at 10000
+        raise ComplexError(f"{mol.name}: {len(mol.blocks)} residues, Biopython read {len(residues)}")
+    return np.array([min(r.sasa / MAX_ASA.get(r.get_resname(), 200.0), 1.5) for r in residues], np.float32)
+
+
+def contact_labels(mol: Molecule, partner_x: np.ndarray, cutoff: float = 5.0) -> np.ndarray:
+    """1 for each block with a heavy atom within `cutoff` Å of any partner atom."""
+    from scipy.spatial import cKDTree
+
+    d = cKDTree(partner_x).query(mol.x)[0]
+    sizes = [len(b.elements) for b in mol.blocks]
+    return (np.minimum.reduceat(d, np.cumsum([0] + sizes[:-1])) < cutoff).astype(np.int32)
