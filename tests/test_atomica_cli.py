@@ -67,3 +67,43 @@ def test_killed_pretraining_resumes_the_same_loss_curve(reference, data_dir, tmp
     for step in (3, 4):
         for k in ("train/loss", "train/trans", "train/tor", "train/mask"):
             assert b[step][k] == pytest.approx(a[step][k], rel=1e-4), (step, k)
+
+
+@pytest.fixture(scope="module")
+def small_sources(tmp_path_factory):
+    """Three PDB entries (ligand, ion, nucleic acid) and two Docking Benchmark pairs."""
+    import shutil
+
+    src = tmp_path_factory.mktemp("sites")
+    plip, bm5 = ROOT / "third_party/data/complexes/plip_pdb", ROOT / "third_party/data/complexes/bm5_bound"
+    for name in ("1xdn.pdb.gz", "1vfy.pdb.gz", "1tf6.pdb.gz", "3o1h.pdb.gz"):
+        shutil.copy(plip / name, src / name)
+    for pdb in ("1A2K", "1AY7"):
+        for side in ("r", "l"):
+            shutil.copy(bm5 / f"{pdb}_{side}_b-matched.pdb.gz", src / f"{pdb}_{side}_b-matched.pdb.gz")
+    return src
+
+
+def test_binding_site_tiny_cli_and_embeddings(reference, data_dir, small_sources, tmp_path):
+    wd = tmp_path / "site"
+    cmd = [sys.executable, "-m", "molgen.main", "--config=experiments/atomica_binding_site.py:tiny",
+           f"--workdir={wd}", f"--config.data.data_dir={data_dir}", f"--config.pretrain_workdir={reference}",
+           f"--config.data.sources=('{small_sources}',)", "--config.ckpt.async_save=False"]  # fmt: skip
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    ev = json.loads((wd / "evaluation.json").read_text())["test"]
+    for nm in ("pretrained", "random", "logistic"):
+        assert 0 <= ev[nm]["auroc"] <= 1 and len(ev[nm]["auroc_ci"]) == 2
+    assert "pretrained_minus_random" in ev and "pretrained_minus_logistic" in ev
+    assert ev["residues"] > 100 and 0 < ev["positives"] < ev["residues"]
+    assert (wd / "pretrained" / "checkpoints").is_dir() and (wd / "random" / "metrics.jsonl").exists()
+    out = tmp_path / "emb" / "interfaces"
+    cmd = [sys.executable, "-m", "molgen.atomica.embed", f"--workdir={reference}", f"--out={out}"]
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    import numpy as np
+
+    d = np.load(str(out) + ".npz")
+    np.testing.assert_allclose(np.linalg.norm(d["embeddings"], axis=1), 1.0, atol=1e-5)
+    rows = (tmp_path / "emb" / "interfaces.csv").read_text().splitlines()
+    assert rows[0] == "index,split,entry,structure,segments,modality" and len(rows) == len(d["embeddings"]) + 1

@@ -239,6 +239,8 @@ def finetune(config, workdir: str, mesh, src, model, params, eval_recs):
                       SITE_EXTRA)  # fmt: skip
 
     def eval_fn(p, step):
+        if not eval_recs:
+            return {}
         logits = predict(model, jax.device_get(p), eval_recs, size, config.site.eval_batch)
         y = np.concatenate([np.asarray(r["label"]) for r in eval_recs])
         auroc, auprc = _auc(y, np.concatenate(logits))
@@ -260,7 +262,8 @@ def train_and_evaluate(config, workdir: str):
              rep["residues"], rep["positives"])  # fmt: skip
     model = SiteModel(**config.model.to_dict())
     sample = _sample_batch(recs["train"][0])
-    params0 = jax.device_get(jax.jit(model.init)(jax.random.key(config.train.seed), sample)["params"])
+    # seed + 1: the random encoder is not the pretraining run's own initialisation (seed)
+    params0 = jax.device_get(jax.jit(model.init)(jax.random.key(config.train.seed + 1), sample)["params"])
     pre = upstream.ensure_run(config.pretrain_workdir, config.pretrain_config)
     enc, info = pretrained_encoder(pre, recs["train"][0])
     want = {k: info[k] for k in ("hidden", "layers", "heads", "pool_layers", "tp")}

@@ -75,13 +75,22 @@ def gaussians(d, stop: float, n: int = 32):
     return jnp.exp(-0.5 * ((d[..., None] - mu) / delta) ** 2)
 
 
-def mlp(features, act=nn.relu, name=None):
-    layers = []
-    for i, f in enumerate(features):
-        layers.append(nn.Dense(f))
-        if i < len(features) - 1:
-            layers.append(act)
-    return nn.Sequential(layers, name=name)
+class MLP(nn.Module):
+    """Dense layers with ReLU between them (none after the last)."""
+
+    features: tuple
+
+    @nn.compact
+    def __call__(self, x):
+        for i, f in enumerate(self.features):
+            x = nn.Dense(f, name=f"dense_{i}")(x)
+            if i < len(self.features) - 1:
+                x = nn.relu(x)
+        return x
+
+
+def mlp(features, name=None) -> MLP:
+    return MLP(tuple(features), name=name)
 
 
 class EquivariantLayerNorm(nn.Module):
