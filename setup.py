@@ -39,7 +39,8 @@ EXTRAS = {
     "chgnet": ["chgnet==0.4.2", "torch==2.13.0"],
     # gemmi reads PDB/mmCIF (altlocs, entities); Biopython's Shrake-Rupley gives the binding-site
     # baseline's solvent accessibility; RDKit perceives ligand connectivity for the fragments.
-    "atomica": ["e3nn-jax==0.21.0", "gemmi==0.7.5", "biopython==1.88", "rdkit", "scipy"],
+    # scikit-learn: the logistic-regression baseline and AUROC/AUPRC of the binding-site head.
+    "atomica": ["e3nn-jax==0.21.0", "gemmi==0.7.5", "biopython==1.88", "rdkit", "scipy", "scikit-learn"],
     "test": ["pytest", "pytest-xdist", "ruff"],
 }
 EXTRAS["all"] = sorted({p for v in EXTRAS.values() for p in v})
