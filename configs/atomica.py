@@ -43,7 +43,7 @@ def pretrain(variant: str) -> ml_collections.ConfigDict:
     else:
         cfg.optim = common.optim(name="adamw", lr=1e-3, weight_decay=1e-3, b2=0.999, clip_norm=1.0,
                                  schedule="warmup_cosine", warmup_steps=50, final_lr_frac=0.05)  # fmt: skip
-        cfg.train = common.train(steps=600, batch_size=4, log_every=20, eval_every=200, seed=0)
+        cfg.train = common.train(steps=260, batch_size=4, log_every=20, eval_every=130, seed=0)
     cfg.ckpt = common.ckpt(every_steps=100, keep=2, best_metric="eval/loss")
     if variant == "tiny":
         cfg.model.update(dict(hidden=8, layers=2, pool_layers=1))
