@@ -33,8 +33,8 @@ def pretrain(variant: str) -> ml_collections.ConfigDict:
     cfg.data = data()
     cfg.model = model("depthwise" if variant in ("quick", "tiny") else "fully_connected")
     cfg.noise = ml_collections.ConfigDict(dict(mask_ratio=0.1))
-    cfg.capacity = ml_collections.ConfigDict(dict(atoms=4096, blocks=512, atom_edges=65536, block_edges=8192,
-                                                  torsions=1024))  # fmt: skip
+    # padding: level 0 of the capacity ladder is sized from this many prepared training items
+    cfg.capacity = ml_collections.ConfigDict(dict(sample=32))
     cfg.eval = ml_collections.ConfigDict(dict(batch=8, seed=0, max_items=0))  # max_items: per split, 0 = all
     if variant == "full":
         cfg.optim = common.optim(name="adamw", lr=1e-4, weight_decay=1e-3, b2=0.999, clip_norm=0.0,
@@ -66,14 +66,19 @@ def binding_site(variant: str) -> ml_collections.ConfigDict:
     suffix = "" if variant == "quick" else f"_{variant}"
     cfg.pretrain_workdir = f"runs/atomica_pretrain{suffix}"
     cfg.pretrain_config = "experiments/atomica_pretrain.py" + ("" if variant == "quick" else f":{variant}")
-    cfg.site = ml_collections.ConfigDict(dict(patch=128, eval_batch=4, bootstrap=1000))
+    # quick: frozen encoders and a linear probe over (nearly) whole proteins (patch 512 residues)
+    # on 150 training proteins; full: fine-tuning on patches of 128 residues.
+    frozen = variant in ("quick", "tiny")
+    cfg.site = ml_collections.ConfigDict(dict(mode="frozen" if frozen else "finetune", patch=512 if frozen else 128,
+                                              eval_batch=2 if frozen else 4, bootstrap=1000, C=1.0,
+                                              max_train=150 if frozen else 0))  # fmt: skip
     cfg.optim = common.optim(name="adamw", lr=5e-4, weight_decay=1e-3, b2=0.999, clip_norm=1.0,
                              schedule="warmup_cosine", warmup_steps=20, final_lr_frac=0.05)  # fmt: skip
     steps = {"quick": 300, "full": 3000, "tiny": 2}[variant]
     cfg.train = common.train(steps=steps, batch_size=4, log_every=20, eval_every=max(steps // 3, 1), seed=0)
     cfg.ckpt = common.ckpt(every_steps=100, keep=2, best_metric="eval/auroc", best_mode="max")
     if variant == "tiny":
-        cfg.site.update(dict(patch=16, bootstrap=20))
+        cfg.site.update(dict(patch=16, bootstrap=20, max_train=6))
         cfg.train.log_every = 1
         cfg.ckpt.every_steps = 2
     return cfg

@@ -265,6 +265,39 @@ class Capacity:
         return bool(grown)
 
 
+@dataclasses.dataclass
+class Ladder:
+    """Padded sizes chosen per batch from levels `base` x 2^L: the smallest level that holds the
+    batch, so padding stays under 2x while a handful of shapes (one compilation each) cover every
+    batch; a batch beyond every level used so far adds one (logged), never truncating."""
+
+    base: Capacity
+    used: set = dataclasses.field(default_factory=set)
+
+    def level(self, n: int) -> Capacity:
+        b = self.base
+        return Capacity(b.graphs, *(getattr(b, k) * 2**n for k in SIZES[1:]))
+
+    def pick(self, need: dict) -> Capacity:
+        n = 0
+        while True:
+            cap = self.level(n)
+            if all(need[k] + (1 if k in ("atoms", "blocks") else 0) <= getattr(cap, k) for k in SIZES):
+                break
+            n += 1
+        if n not in self.used:
+            self.used.add(n)
+            log.info("graph capacity level %d (the step compiles once for it): %s", n, cap)
+        return cap
+
+
+def base_capacity(graphs: list, rows: int, margin: float = 1.25) -> Capacity:
+    """Level 0 of a `Ladder` for batches of `rows` graphs like `graphs` (a sample): the mean
+    size times rows times `margin`, rounded up to 64."""
+    mean = {k: np.mean([sizes([g])[k] for g in graphs]) for k in SIZES[1:]}
+    return Capacity(rows, *(int(-(-margin * rows * mean[k] // 64) * 64) + 64 for k in SIZES[1:]))
+
+
 def collate(graphs: list, cap: Capacity, extra_atom=(), extra_block=(), extra_graph=()) -> dict:
     """One flat padded graph. Indices are offset per graph; padding atoms and blocks sit at the
     end (graph index = cap.graphs - 1 with mask 0), padding edges join the last padding atom or

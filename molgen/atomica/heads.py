@@ -7,9 +7,13 @@ labelled 1 when one of its atoms lies within 5 Å of the partner. The encoder re
 global block; a head (MLP on each block's representation) gives a logit per residue, trained by
 binary cross-entropy. Training draws a random centre per protein; prediction covers every
 residue with patches centred by farthest-point sampling and takes each residue's logit from the
-patch whose centre is nearest to it. Three models, one split, one run:
-1. `pretrained`: the encoder of an atomica_pretrain run (built when missing), fine-tuned;
-2. `random`: the same model and recipe from a random encoder;
+patch whose centre is nearest to it. `site.mode`: "finetune" trains encoder and head together
+(`core.loop.fit`, one run per encoder under pretrained/ and random/); "frozen" (the quick
+variant, a 2-core budget) keeps the encoder fixed and fits the head, a standardised logistic
+regression, on each residue's encoder features (block representation and invariant block
+scalars), the linear probe of representation learning. Three models, one split, one run:
+1. `pretrained`: the encoder of an atomica_pretrain run (built when missing);
+2. `random`: the same model and head from a random encoder;
 3. `logistic`: logistic regression on residue type (one-hot) plus relative solvent
    accessibility (Shrake-Rupley, Biopython), scikit-learn.
 Held-out metrics: per-residue AUROC and AUPRC pooled over the test proteins, with 95% intervals
@@ -128,33 +132,62 @@ def make_loss(model):
     return loss_fn
 
 
-def predict(model, params, records: list, size: int, batch: int = 4) -> list[np.ndarray]:
-    """Per protein, the logit of each residue (from the patch whose centre is nearest to it)."""
-    run = jax.jit(model.apply)
-    cap = gr.Capacity(graphs=batch)
-    jobs = []  # (protein, centre, blocks)
-    for i, ex in enumerate(records):
-        for centre, blocks in cover(ex, size):
-            jobs.append((i, centre, np.sort(blocks)))
+def per_residue(fn, records: list, size: int, batch: int = 4) -> list[np.ndarray]:
+    """Per protein, `fn(collated batch) -> (blocks, ...)` for each residue, read from the patch
+    (`cover`) whose centre is nearest to it."""
+    ladder = None
+    jobs = [(i, centre, np.sort(blocks)) for i, ex in enumerate(records) for centre, blocks in cover(ex, size)]
     best = [np.full(len(ex["block_type"]), np.inf) for ex in records]
-    out = [np.zeros(len(ex["block_type"]), np.float32) for ex in records]
+    out: list = [None] * len(records)
     cens = [centroids(ex) for ex in records]
     for s in range(0, len(jobs), batch):
         chunk = jobs[s : s + batch]
         gs = [gr.build(gr.with_globals(patch(records[i], blocks))) for i, _, blocks in chunk]
-        cap.fit(gr.sizes(gs))
-        b = gr.collate(gs, cap, **SITE_EXTRA)
-        logit = np.asarray(run({"params": params}, {k: jnp.asarray(v) for k, v in b.items()}))
+        if ladder is None:
+            ladder = gr.Ladder(gr.base_capacity(gs, batch))
+        b = gr.collate(gs, ladder.pick(gr.sizes(gs)), **SITE_EXTRA)
+        vals = np.asarray(fn({k: jnp.asarray(v) for k, v in b.items()}))
         off = 0
         for (i, centre, blocks), g in zip(chunk, gs, strict=True):
             nb = len(g["block_type"])
-            lg = logit[off : off + nb][~g["block_global"]]  # this patch's residues, in `blocks` order
+            v = vals[off : off + nb][~g["block_global"]]  # this patch's residues, in `blocks` order
             off += nb
+            if out[i] is None:
+                out[i] = np.zeros((len(records[i]["block_type"]),) + v.shape[1:], np.float32)
             d = np.linalg.norm(cens[i][blocks] - cens[i][centre], axis=1)
             better = d < best[i][blocks]
-            out[i][blocks[better]] = lg[better]
+            out[i][blocks[better]] = v[better]
             best[i][blocks[better]] = d[better]
     return out
+
+
+def predict(model, params, records: list, size: int, batch: int = 4) -> list[np.ndarray]:
+    """Per protein, the logit of each residue."""
+    run = jax.jit(lambda b: model.apply({"params": params}, b))
+    return per_residue(run, records, size, batch)
+
+
+def encoder_features(enc_model, enc_params, records: list, size: int, batch: int = 4) -> list[np.ndarray]:
+    """Per protein, each residue's frozen-encoder features: its block representation and the
+    invariant scalars of its block-level output."""
+
+    @jax.jit
+    def run(b):
+        o = enc_model.apply({"params": enc_params}, b)
+        return jnp.concatenate([o["block_repr"], am.scalars(o["block_h"])], -1)
+
+    return per_residue(run, records, size, batch)
+
+
+def frozen_probe(train_feats, train_labels, test_feats, c: float = 1.0) -> list[np.ndarray]:
+    """The head on frozen features: standardised features, logistic regression (scikit-learn)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000))
+    clf.fit(np.concatenate(train_feats), np.concatenate(train_labels))
+    return [clf.decision_function(f) for f in test_feats]
 
 
 # --- metrics -------------------------------------------------------------------------------------
@@ -270,11 +303,29 @@ def train_and_evaluate(config, workdir: str):
     if want != config.model.to_dict():
         raise ValueError(f"config.model {config.model.to_dict()} differs from the pretrained run's {want} ({pre})")
     results, scores = {}, {}
-    for name in ("pretrained", "random"):
-        # host copies: fit donates the device state it builds from them
-        p = jax.tree.map(np.array, dict(params0, encoder=enc) if name == "pretrained" else params0)
-        p = finetune(config, os.path.join(workdir, name), mesh, src, model, p, recs["validation"])
-        scores[name] = predict(model, p, recs["test"], int(config.site.patch), config.site.eval_batch)
+    sc = config.site
+    if sc.mode == "frozen":
+        train = recs["train"]
+        if sc.max_train and len(train) > sc.max_train:
+            pick = np.sort(np.random.default_rng(config.train.seed).choice(len(train), sc.max_train, replace=False))
+            train = [train[i] for i in pick]
+        enc_model = am.Encoder(**config.model.to_dict())
+        labels_tr = [np.asarray(r["label"]) for r in train]
+        for name, ep in (("pretrained", enc), ("random", params0["encoder"])):
+            f_tr = encoder_features(enc_model, ep, train, int(sc.patch), sc.eval_batch)
+            f_te = encoder_features(enc_model, ep, recs["test"], int(sc.patch), sc.eval_batch)
+            scores[name] = frozen_probe(f_tr, labels_tr, f_te, sc.C)
+            log.info("binding sites: %s encoder features of %d + %d proteins done", name, len(train), len(recs["test"]))
+        results["train_proteins"] = len(train)
+    elif sc.mode == "finetune":
+        for name in ("pretrained", "random"):
+            # host copies: fit donates the device state it builds from them
+            p = jax.tree.map(np.array, dict(params0, encoder=enc) if name == "pretrained" else params0)
+            p = finetune(config, os.path.join(workdir, name), mesh, src, model, p, recs["validation"])
+            scores[name] = predict(model, p, recs["test"], int(sc.patch), sc.eval_batch)
+    else:
+        raise ValueError(f"site.mode must be 'frozen' or 'finetune', got {sc.mode!r}")
+    results["mode"] = sc.mode
     scores["logistic"] = logistic_baseline(recs["train"], recs["test"])
     labels = [np.asarray(r["label"]) for r in recs["test"]]
     results["test"] = site_metrics(labels, scores, config.site.bootstrap, config.train.seed)

@@ -5,9 +5,11 @@ TensorBoard metrics, NaN guard).
 Data: the interfaces of `atomica.data`; each training item is noised afresh every time it is
 drawn (`noise.corrupt`, seeded by Grain's per-index generator, so a resumed run draws the same
 noise) and turned into its graphs on the host (`graph.build`), in Grain's reader thread.
-`GraphBatches` pads each step's items to one flat graph per device at a common capacity that
-grows when a batch needs more (the step then recompiles; processes agree on it through an
-all-gather); it checkpoints the Grain iterator underneath.
+`GraphBatches` pads each step's items to one flat graph per device at the smallest level of a
+capacity ladder (`graph.Ladder`: level 0 sized from the first training items, each level twice
+the last) that holds every device's batch, so padding stays under 2x with one compilation per
+level used; processes agree on the level through an all-gather. It checkpoints the Grain
+iterator underneath.
 
 Loss per interface (ATOMICA's weights): translation |eps * t + z|^2 / 3 + 0.1 rotation
 |r - score|^2 / 3 + torsion mean (tau - score)^2 over its bonds + the cross-entropy of its masked
@@ -70,8 +72,8 @@ class GraphBatches:
     """This process's padded graph batches (one flat graph per local device, concatenated) from
     an iterator of per-device lists of graphs; checkpoints the iterator underneath."""
 
-    def __init__(self, it, cap: gr.Capacity, extras: dict | None = None):
-        self.it, self.cap, self.extras = it, cap, EXTRA if extras is None else extras
+    def __init__(self, it, ladder: gr.Ladder, extras: dict | None = None):
+        self.it, self.ladder, self.extras = it, ladder, EXTRA if extras is None else extras
 
     def __iter__(self):
         return self
@@ -82,8 +84,8 @@ class GraphBatches:
         if jax.process_count() > 1:  # every process pads to the same shapes
             allg = multihost_utils.process_allgather(np.array([need[k] for k in gr.SIZES]))
             need = dict(zip(gr.SIZES, np.asarray(allg).reshape(-1, len(gr.SIZES)).max(0).tolist(), strict=True))
-        self.cap.fit(need)
-        parts = [gr.collate(gs, self.cap, **self.extras) for gs in per_dev]
+        cap = self.ladder.pick(need)
+        parts = [gr.collate(gs, cap, **self.extras) for gs in per_dev]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def get_state(self) -> bytes:
@@ -113,7 +115,10 @@ def pipeline(source, config, mesh, seed: int, prepare_fn=None, extras: dict | No
         return it.batch(rows, drop_remainder=True, batch_fn=list)
 
     zipped = grain.experimental.ZipIterDataset(parents=[one(s) for s in loop.local_streams(mesh)])
-    return GraphBatches(iter(zipped), gr.Capacity(graphs=rows, **dict(config.capacity)), extras)
+    # level 0 from the first training items as prepared (the same on every process)
+    rng = np.random.default_rng(seed)
+    sample = [prepare_fn(source[i], rng) for i in range(min(len(source), int(config.capacity.sample)))]
+    return GraphBatches(iter(zipped), gr.Ladder(gr.base_capacity(sample, rows)), extras)
 
 
 def per_graph_losses(out, b, log_freq):
@@ -168,11 +173,12 @@ def summarize(sums: dict, n: float) -> dict:
     return out
 
 
-def make_evaluator(model, freq, capacity: gr.Capacity, batch: int = 8, seed: int = 0):
+def make_evaluator(model, freq, batch: int = 8, seed: int = 0):
     """`evaluate(params, items) -> dict`: losses, baselines and ratios over `items` (records)
-    with fixed noise per (seed, index); one jitted function and one growing capacity for all calls."""
+    with fixed noise per (seed, index); one jitted function and one capacity ladder (level 0
+    from the first call's items) for all calls."""
     log_freq = jnp.asarray(freq, jnp.float32)
-    cap = capacity
+    ladder = None
 
     @jax.jit
     def run(p, b):
@@ -180,10 +186,13 @@ def make_evaluator(model, freq, capacity: gr.Capacity, batch: int = 8, seed: int
         return {k: jnp.sum(v * gm) for k, v in per.items()}
 
     def evaluate(params, items: list) -> dict:
+        nonlocal ladder
         sums, n = {}, 0
         for s in range(0, len(items), batch):
             gs = [prepare(ex, np.random.default_rng([seed, s + i])) for i, ex in enumerate(items[s : s + batch])]
-            cap.fit(gr.sizes(gs))
+            if ladder is None:
+                ladder = gr.Ladder(gr.base_capacity(gs, batch))
+            cap = ladder.pick(gr.sizes(gs))
             out = jax.device_get(run(params, {k: jnp.asarray(v) for k, v in gr.collate(gs, cap, **EXTRA).items()}))
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -222,8 +231,7 @@ def train_and_evaluate(config, workdir: str):
     first = lambda split: [src[split][i] for i in range(min(len(src[split]), config.eval.max_items or 10**9))]  # noqa: E731
     val = first("validation")
 
-    evaluate = make_evaluator(model, freq, gr.Capacity(graphs=config.eval.batch, **dict(config.capacity)),
-                              config.eval.batch, config.eval.seed)  # fmt: skip
+    evaluate = make_evaluator(model, freq, config.eval.batch, config.eval.seed)
 
     def eval_fn(p, step):
         return evaluate(jax.device_get(p), val)
