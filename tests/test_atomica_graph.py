@@ -129,3 +129,18 @@ def test_corrupt_targets_and_masking(record):
     u, v = c["tor_bonds"].T
     assert len(u) and (np.linalg.norm(c["x"][u] - c["x"][v], axis=1) < 2.0).all()
     assert len(c["tor_score"]) == len(u)
+
+
+def test_capacity_ladder_picks_the_smallest_level_that_holds_the_batch(record):
+    g = gr.build(gr.with_globals(record))
+    base = gr.base_capacity([g], rows=2, margin=1.0)
+    assert base.graphs == 2 and base.atoms >= 2 * len(g["x"]) and base.atoms % 64 == 0
+    ladder = gr.Ladder(base)
+    assert ladder.pick(gr.sizes([g, g])) == ladder.level(0)  # two graphs like the sample fit level 0
+    big = gr.sizes([g, g])
+    big["atoms"] = 3 * base.atoms  # a batch beyond level 1: level 2 (x4), never a truncation
+    cap = ladder.pick(big)
+    assert cap == ladder.level(2) and cap.atoms == 4 * base.atoms and cap.atom_edges == 4 * base.atom_edges
+    assert ladder.used == {0, 2}
+    b = gr.collate([g, g], ladder.pick(gr.sizes([g, g])))
+    assert b["x"].shape == (base.atoms, 3)
