@@ -13,7 +13,7 @@ DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "molgen", "tfds")
 def data() -> ml_collections.ConfigDict:
     """The shipped complexes (third_party/data/complexes/SOURCE.md): Docking Benchmark 5 bound
     pairs and PDB entries with ligands, ions and nucleic acids."""
-    sources = [os.path.join(COMPLEXES, "plip_pdb"), os.path.join(COMPLEXES, "bm5_bound")]
+    sources = (os.path.join(COMPLEXES, "plip_pdb"), os.path.join(COMPLEXES, "bm5_bound"))
     return ml_collections.ConfigDict(dict(sources=sources, cutoff=8.0, max_blocks=256, fractions=(0.1, 0.15), seed=0,
                                           data_dir=DATA_DIR))  # fmt: skip
 

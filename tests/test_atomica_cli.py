@@ -85,18 +85,24 @@ def small_sources(tmp_path_factory):
 
 
 def test_binding_site_tiny_cli_and_embeddings(reference, data_dir, small_sources, tmp_path):
-    wd = tmp_path / "site"
-    cmd = [sys.executable, "-m", "molgen.main", "--config=experiments/atomica_binding_site.py:tiny",
-           f"--workdir={wd}", f"--config.data.data_dir={data_dir}", f"--config.pretrain_workdir={reference}",
-           f"--config.data.sources=('{small_sources}',)", "--config.ckpt.async_save=False"]  # fmt: skip
-    res = subprocess.run(cmd, cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-4000:]
-    ev = json.loads((wd / "evaluation.json").read_text())["test"]
-    for nm in ("pretrained", "random", "logistic"):
-        assert 0 <= ev[nm]["auroc"] <= 1 and len(ev[nm]["auroc_ci"]) == 2
-    assert "pretrained_minus_random" in ev and "pretrained_minus_logistic" in ev
-    assert ev["residues"] > 100 and 0 < ev["positives"] < ev["residues"]
-    assert (wd / "pretrained" / "checkpoints").is_dir() and (wd / "random" / "metrics.jsonl").exists()
+    for mode in ("frozen", "finetune"):  # tiny: the quick variant's linear probe, then the full variant's fine-tuning
+        wd = tmp_path / f"site_{mode}"
+        cmd = [sys.executable, "-m", "molgen.main", "--config=experiments/atomica_binding_site.py:tiny",
+               f"--workdir={wd}", f"--config.data.data_dir={data_dir}", f"--config.pretrain_workdir={reference}",
+               f"--config.data.sources=('{small_sources}',)", "--config.ckpt.async_save=False",
+               f"--config.site.mode={mode}"]  # fmt: skip
+        res = subprocess.run(cmd, cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stderr[-4000:]
+        ev = json.loads((wd / "evaluation.json").read_text())
+        assert ev["mode"] == mode
+        ev = ev["test"]
+        for nm in ("pretrained", "random", "logistic"):
+            assert 0 <= ev[nm]["auroc"] <= 1 and len(ev[nm]["auroc_ci"]) == 2
+        assert "pretrained_minus_random" in ev and "pretrained_minus_logistic" in ev
+        assert ev["residues"] > 100 and 0 < ev["positives"] < ev["residues"]
+        assert ev["pretrained"]["auroc"] != ev["random"]["auroc"]  # two different encoders
+        finetuned = (wd / "pretrained" / "checkpoints").is_dir() and (wd / "random" / "metrics.jsonl").exists()
+        assert finetuned == (mode == "finetune")
     out = tmp_path / "emb" / "interfaces"
     cmd = [sys.executable, "-m", "molgen.atomica.embed", f"--workdir={reference}", f"--out={out}"]
     res = subprocess.run(cmd, cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=900)

@@ -304,11 +304,11 @@ def train_and_evaluate(config, workdir: str):
         raise ValueError(f"config.model {config.model.to_dict()} differs from the pretrained run's {want} ({pre})")
     results, scores = {}, {}
     sc = config.site
+    train = recs["train"]
+    if sc.mode == "frozen" and sc.max_train and len(train) > sc.max_train:
+        pick = np.sort(np.random.default_rng(config.train.seed).choice(len(train), sc.max_train, replace=False))
+        train = [train[i] for i in pick]
     if sc.mode == "frozen":
-        train = recs["train"]
-        if sc.max_train and len(train) > sc.max_train:
-            pick = np.sort(np.random.default_rng(config.train.seed).choice(len(train), sc.max_train, replace=False))
-            train = [train[i] for i in pick]
         enc_model = am.Encoder(**config.model.to_dict())
         labels_tr = [np.asarray(r["label"]) for r in train]
         for name, ep in (("pretrained", enc), ("random", params0["encoder"])):
@@ -326,7 +326,7 @@ def train_and_evaluate(config, workdir: str):
     else:
         raise ValueError(f"site.mode must be 'frozen' or 'finetune', got {sc.mode!r}")
     results["mode"] = sc.mode
-    scores["logistic"] = logistic_baseline(recs["train"], recs["test"])
+    scores["logistic"] = logistic_baseline(train, recs["test"])  # the probes' training proteins
     labels = [np.asarray(r["label"]) for r in recs["test"]]
     results["test"] = site_metrics(labels, scores, config.site.bootstrap, config.train.seed)
     results["pretrain_workdir"] = pre
