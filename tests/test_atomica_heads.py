@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from molgen.atomica import data as ad
 from molgen.atomica import graph as gr
-from molgen.atomica import heads
+from molgen.atomica import heads, sites
 from molgen.chem import complexes as cx
 from tests.conftest import ROOT
 
@@ -19,7 +18,7 @@ def site():
     r, lg = (cx.read(str(BM5 / f"1A2K_{s}_b-matched.pdb.gz")) for s in ("r", "l"))
     a = cx.merge(list(r["protein"].values()), "protein", "r")
     b = cx.merge(list(lg["protein"].values()), "protein", "l")
-    return ad.site_item(a, b.x, 5.0), a, b
+    return sites.site_item(a, b.x, 5.0), a, b
 
 
 def test_labels_and_rsa_of_a_real_interface(site):

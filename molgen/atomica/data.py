@@ -1,7 +1,7 @@
 """Interfaces of real complexes for the interaction family: PDB files to a TFDS builder (ArrayRecord).
 
 Sources are folders of PDB/mmCIF files (gzip or not), read by `molgen.chem.complexes`:
-- a Docking Benchmark pair, `XXXX_r_b*.pdb[.gz]` with `XXXX_l_b*.pdb[.gz]`: one protein-protein
+- a Docking Benchmark pair, `<id>_r_b*.pdb[.gz]` with `<id>_l_b*.pdb[.gz]` (e.g. 1A2K): one protein-protein
   interface, receptor against ligand (all protein chains of each file);
 - any other file is a whole entry, and gives every interface it holds: each ligand against the
   protein (protein-ligand) and against the nucleic acid (nucleic-ligand), each metal ion against
@@ -174,6 +174,42 @@ def _chains(mols: dict, chains: str, where: str) -> cx.Molecule:
     return cx.merge(picked, kind, chains)
 
 
+def read_or_skip(path: str, skipped: list) -> dict | None:
+    """`complexes.read(path)`, or None with the file and reason appended to `skipped`."""
+    try:
+        return cx.read(path)
+    except cx.ComplexError as e:
+        skipped.append({"file": path, "reason": str(e)})
+        return None
+
+
+def scan(files, skipped: list) -> tuple[dict, list[tuple[str, str]]]:
+    """(Docking Benchmark pairs {entry: {"r": path, "l": path}}, whole entries [(path, entry)]);
+    a second file of an entry is skipped, with the reason appended to `skipped`."""
+    bm5, seen, whole = {}, {}, []
+    for path in files:
+        m = BM5.match(pathlib.Path(path).name)
+        if m:
+            bm5.setdefault(m["id"].lower(), {})[m["side"]] = path
+            continue
+        eid = entry_id(path)
+        if eid in seen:
+            why = f"another file of entry {eid} was read ({os.path.basename(seen[eid])})"
+            skipped.append({"file": path, "reason": why})
+            continue
+        seen[eid] = path
+        whole.append((path, eid))
+    return bm5, whole
+
+
+def split_by_entry(items: list, c: InterfaceConfig) -> dict:
+    """entry -> split of interface records (`split_entries` over their modalities)."""
+    entries = collections.defaultdict(set)
+    for ex in items:
+        entries[ex["entry"]].add(MODALITIES[ex["modality"]])
+    return split_entries(entries, c.fractions, c.seed)
+
+
 def collect(c: InterfaceConfig) -> tuple[list[dict], list[dict], dict]:
     """(interfaces, skipped files and pairs with reasons, counts) of the config's sources."""
     files = structure_files(c.sources)
@@ -193,13 +229,8 @@ def collect(c: InterfaceConfig) -> tuple[list[dict], list[dict], dict]:
         items.append(ex)
 
     def read(path):
-        try:
-            return cx.read(path)
-        except cx.ComplexError as e:
-            skipped.append({"file": path, "reason": str(e)})
-            return None
+        return read_or_skip(path, skipped)
 
-    bm5, seen = {}, {}
     explicit = set()
     for src in c.sources:
         idx = os.path.join(os.path.abspath(os.path.expanduser(src)), "interfaces.csv")
@@ -221,19 +252,8 @@ def collect(c: InterfaceConfig) -> tuple[list[dict], list[dict], dict]:
                         continue
                     mod = "protein-protein" if a.kind == b.kind == "protein" else "protein-nucleic"
                     add(mod, a, b, path, entry_id(path), True)
-    for path in files:
-        if path in explicit:
-            continue
-        m = BM5.match(pathlib.Path(path).name)
-        if m:
-            bm5.setdefault(m["id"].lower(), {})[m["side"]] = path
-            continue
-        eid = entry_id(path)
-        if eid in seen:
-            why = f"another file of entry {eid} was read ({os.path.basename(seen[eid])})"
-            skipped.append({"file": path, "reason": why})
-            continue
-        seen[eid] = path
+    bm5, whole = scan([f for f in files if f not in explicit], skipped)
+    for path, eid in whole:
         mols = read(path)
         if mols is not None:
             for mod, a, b in candidates(path, mols):
@@ -286,30 +306,43 @@ FEATURES = {
 }  # fmt: skip
 
 
-class Interfaces(tfds.core.GeneratorBasedBuilder):
-    """Interfaces of real complexes (ragged atoms and blocks; the Grain pipeline pads them)."""
+class RaggedBuilder(tfds.core.GeneratorBasedBuilder):
+    """A builder of ragged records (variable atoms and blocks; the Grain pipeline pads them):
+    `FEATURES` {key: shape}, float keys in `FLOATS`, the rest int32, plus `TEXTS` and `INTS`
+    scalars; `_split_generators` sets `counts` for the build report."""
 
     VERSION = tfds.core.Version("1.0.0")
     BUILDER_CONFIGS = [InterfaceConfig(name="default")]
+    FEATURES: dict = {}
+    FLOATS: tuple = ()
+    TEXTS: tuple = ()
+    INTS: tuple = ()
 
     def __init__(self, *, config: InterfaceConfig, **kw):
         super().__init__(config=config, **kw)
         self.counts: dict = {}
 
     def _info(self):
-        feats = {k: tfds.features.Tensor(shape=s, dtype=np.float32 if k in ("x", "block_dist") else np.int32)
-                 for k, s in FEATURES.items()}  # fmt: skip
-        feats.update(entry=tfds.features.Text(), file=tfds.features.Text(), segments=tfds.features.Text(),
-                     modality=np.int32)  # fmt: skip
+        feats = {k: tfds.features.Tensor(shape=s, dtype=np.float32 if k in self.FLOATS else np.int32)
+                 for k, s in self.FEATURES.items()}  # fmt: skip
+        feats.update({k: tfds.features.Text() for k in self.TEXTS}, **{k: np.int32 for k in self.INTS})
         return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(feats))
+
+    def _generate_examples(self, items, split):
+        for i, ex in enumerate(items):
+            yield f"{split}_{i}", ex
+
+
+class Interfaces(RaggedBuilder):
+    """Interfaces of real complexes."""
+
+    FEATURES, FLOATS = FEATURES, ("x", "block_dist")
+    TEXTS, INTS = ("entry", "file", "segments"), ("modality",)
 
     def _split_generators(self, dl_manager):
         c = self.builder_config
         items, skipped, counts = collect(c)
-        entries = collections.defaultdict(set)
-        for ex in items:
-            entries[ex["entry"]].add(MODALITIES[ex["modality"]])
-        split_of = split_entries(entries, c.fractions, c.seed)
+        split_of = split_by_entry(items, c)
         parts = {s: [ex for ex in items if split_of[ex["entry"]] == s] for s in SPLITS}
         table = {s: {m: sum(ex["modality"] == i for ex in parts[s]) for i, m in enumerate(MODALITIES)} for s in SPLITS}
         self.counts = {
@@ -320,168 +353,40 @@ class Interfaces(tfds.core.GeneratorBasedBuilder):
         }
         return {s: self._generate_examples(parts[s], s) for s in SPLITS}
 
-    def _generate_examples(self, items, split):
-        for i, ex in enumerate(items):
-            yield f"{split}_{i}", ex
 
-
-def config_name(c: InterfaceConfig) -> str:
+def config_name(c: InterfaceConfig, prefix: str = "interfaces") -> str:
     stamp = [(f, os.path.getsize(f), int(os.path.getmtime(f))) for f in structure_files(c.sources)]
     key = json.dumps([stamp, c.cutoff, c.max_blocks, list(c.fractions), c.seed, str(Interfaces.VERSION)])
-    return "interfaces_" + hashlib.sha1(key.encode()).hexdigest()[:12]
+    return f"{prefix}_" + hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
-def build(cfg, data_dir: str) -> Interfaces:
-    """Build (once) and return the builder for a `data` config group; writes build_report.json."""
+def build_with(builder_cls, prefix: str, cfg, data_dir: str, summary):
+    """Build (once) and return `builder_cls` for a `data` config group; writes build_report.json
+    (the config and the builder's counts), then `summary(counts, report path)` logs."""
     sources = tuple(os.path.abspath(os.path.expanduser(s)) for s in cfg.sources)
     bc = InterfaceConfig(name="", sources=sources, cutoff=float(cfg.cutoff), max_blocks=int(cfg.max_blocks),
                          fractions=tuple(cfg.fractions), seed=int(cfg.seed))  # fmt: skip
-    bc = dataclasses.replace(bc, name=config_name(bc))
+    bc = dataclasses.replace(bc, name=config_name(bc, prefix))
 
     def finish(builder, out):
         report = {"config": dataclasses.asdict(bc), **builder.counts}
         (out / "build_report.json").write_text(json.dumps(report, indent=1, default=str))
-        for s in SPLITS:
-            log.info("interfaces %s: %s", s, builder.counts["interfaces"][s])
-        if builder.counts["skipped"]:
-            log.warning("skipped %d files or pairs; see %s", len(builder.counts["skipped"]), out / "build_report.json")
+        summary(builder.counts, out / "build_report.json")
 
-    return build_once(Interfaces, bc, data_dir, finish)
+    return build_once(builder_cls, bc, data_dir, finish)
+
+
+def build(cfg, data_dir: str) -> Interfaces:
+    """Build (once) and return the interfaces of a `data` config group; writes build_report.json."""
+
+    def summary(counts, path):
+        for s in SPLITS:
+            log.info("interfaces %s: %s", s, counts["interfaces"][s])
+        if counts["skipped"]:
+            log.warning("skipped %d files or pairs; see %s", len(counts["skipped"]), path)
+
+    return build_with(Interfaces, "interfaces", cfg, data_dir, summary)
 
 
 def report(builder) -> dict:
     return json.loads((pathlib.Path(builder.data_dir) / "build_report.json").read_text())
-
-
-# --- binding sites: one protein, its partner removed, each residue labelled -----------------------
-SITE_KINDS = ("bm5-receptor", "bm5-ligand", "entry")
-SITE_FEATURES = {"x": (None, 3), "element": (None,), "position": (None,), "atom_block": (None,), "block_type": (None,),
-                 "block_segment": (None,), "bonds": (None, 2), "label": (None,), "rsa": (None,)}  # fmt: skip
-
-
-def site_item(prot: cx.Molecule, partner_x: np.ndarray, cutoff: float) -> dict:
-    """A whole protein as one segment, with per-residue labels (an atom within `cutoff` Å of
-    the partner) and relative solvent accessibility (of the protein alone)."""
-    sizes = [len(b.elements) for b in prot.blocks]
-    return {
-        "x": prot.x.astype(np.float32),
-        "element": np.concatenate([b.elements for b in prot.blocks]).astype(np.int32),
-        "position": np.array([position_code(n) for b in prot.blocks for n in b.names], np.int32),
-        "atom_block": np.repeat(np.arange(len(sizes)), sizes).astype(np.int32),
-        "block_type": np.array([b.type for b in prot.blocks], np.int32),
-        "block_segment": np.zeros(len(sizes), np.int32),
-        "bonds": prot.bonds.astype(np.int32).reshape(-1, 2),
-        "label": cx.contact_labels(prot, partner_x, cutoff),
-        "rsa": cx.relative_sasa(prot),
-    }
-
-
-def collect_sites(c: InterfaceConfig, cutoff: float = 5.0) -> tuple[list[dict], list[dict]]:
-    """(proteins with labels, skipped) of the config's sources: each Docking Benchmark receptor
-    and ligand against the other; the protein chains of each whole entry against its ligands,
-    ions and nucleic acids. Entries without a non-protein partner are left out."""
-    files = structure_files(c.sources)
-    items, skipped, bm5, seen = [], [], {}, set()
-
-    def read(path):
-        try:
-            return cx.read(path)
-        except cx.ComplexError as e:
-            skipped.append({"file": path, "reason": str(e)})
-            return None
-
-    def add(prot, partner_x, path, eid, kind, chains):
-        try:
-            ex = site_item(prot, partner_x, cutoff)
-        except cx.ComplexError as e:
-            skipped.append({"file": path, "reason": str(e)})
-            return
-        ex.update(entry=eid, file=os.path.basename(path), kind=SITE_KINDS.index(kind), chains=chains)
-        items.append(ex)
-
-    for path in files:
-        m = BM5.match(pathlib.Path(path).name)
-        if m:
-            bm5.setdefault(m["id"].lower(), {})[m["side"]] = path
-            continue
-        eid = entry_id(path)
-        if eid in seen:
-            continue
-        seen.add(eid)
-        mols = read(path)
-        if mols is None or not mols["protein"]:
-            continue
-        others = mols["ligand"] + mols["ion"] + list(mols["nucleic"].values())
-        if not others:
-            continue
-        prot = cx.merge(list(mols["protein"].values()), "protein", ",".join(mols["protein"]))
-        add(prot, np.concatenate([o.x for o in others]), path, eid, "entry", prot.name)
-    for eid, sides in sorted(bm5.items()):
-        if set(sides) != {"r", "l"}:
-            continue
-        r, lg = read(sides["r"]), read(sides["l"])
-        if r is None or lg is None or not r["protein"] or not lg["protein"]:
-            continue
-        a = cx.merge(list(r["protein"].values()), "protein", ",".join(r["protein"]))
-        b = cx.merge(list(lg["protein"].values()), "protein", ",".join(lg["protein"]))
-        add(a, b.x, sides["r"], eid, "bm5-receptor", a.name)
-        add(b, a.x, sides["l"], eid, "bm5-ligand", b.name)
-    return items, skipped
-
-
-class Sites(tfds.core.GeneratorBasedBuilder):
-    """Whole proteins with per-residue binding-site labels, split by entry exactly as the
-    interfaces of the same sources (so pretraining never sees a test entry)."""
-
-    VERSION = tfds.core.Version("1.0.0")
-    BUILDER_CONFIGS = [InterfaceConfig(name="default")]
-
-    def __init__(self, *, config: InterfaceConfig, **kw):
-        super().__init__(config=config, **kw)
-        self.counts: dict = {}
-
-    def _info(self):
-        feats = {k: tfds.features.Tensor(shape=s, dtype=np.float32 if k in ("x", "rsa") else np.int32)
-                 for k, s in SITE_FEATURES.items()}  # fmt: skip
-        feats.update(entry=tfds.features.Text(), file=tfds.features.Text(), chains=tfds.features.Text(), kind=np.int32)
-        return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(feats))
-
-    def _split_generators(self, dl_manager):
-        c = self.builder_config
-        inter, _, _ = collect(c)
-        entries = collections.defaultdict(set)
-        for ex in inter:
-            entries[ex["entry"]].add(MODALITIES[ex["modality"]])
-        split_of = split_entries(entries, c.fractions, c.seed)
-        items, skipped = collect_sites(c)
-        parts = {s: [ex for ex in items if split_of.get(ex["entry"], "train") == s] for s in SPLITS}
-        self.counts = {
-            "proteins": {
-                s: {k: sum(ex["kind"] == i for ex in parts[s]) for i, k in enumerate(SITE_KINDS)} for s in SPLITS
-            },
-            "residues": {s: int(sum(len(ex["label"]) for ex in parts[s])) for s in SPLITS},
-            "positives": {s: int(sum(ex["label"].sum() for ex in parts[s])) for s in SPLITS},
-            "entries": {s: sorted({ex["entry"] for ex in parts[s]}) for s in SPLITS},
-            "skipped": skipped,
-        }
-        return {s: self._generate_examples(parts[s], s) for s in SPLITS}
-
-    def _generate_examples(self, items, split):
-        for i, ex in enumerate(items):
-            yield f"{split}_{i}", ex
-
-
-def build_sites(cfg, data_dir: str) -> Sites:
-    """Build (once) the binding-site proteins of a `data` config group; writes build_report.json."""
-    sources = tuple(os.path.abspath(os.path.expanduser(s)) for s in cfg.sources)
-    bc = InterfaceConfig(name="", sources=sources, cutoff=float(cfg.cutoff), max_blocks=int(cfg.max_blocks),
-                         fractions=tuple(cfg.fractions), seed=int(cfg.seed))  # fmt: skip
-    bc = dataclasses.replace(bc, name=config_name(bc).replace("interfaces_", "sites_"))
-
-    def finish(builder, out):
-        report = {"config": dataclasses.asdict(bc), **builder.counts}
-        (out / "build_report.json").write_text(json.dumps(report, indent=1, default=str))
-        log.info("binding-site proteins %s, residues %s, positives %s", builder.counts["proteins"],
-                 builder.counts["residues"], builder.counts["positives"])  # fmt: skip
-
-    return build_once(Sites, bc, data_dir, finish)

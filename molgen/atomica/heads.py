@@ -37,25 +37,23 @@ from molgen.atomica import data as ad
 from molgen.atomica import graph as gr
 from molgen.atomica import model as am
 from molgen.atomica import pretrain as apt
+from molgen.atomica import sites
 from molgen.chem import complexes as cx
 from molgen.core import checkpoint, loop, upstream
 from molgen.core.distributed import make_mesh
+from molgen.core.records import as_str
 
 log = logging.getLogger("molgen")
 SITE_EXTRA = dict(extra_block=("label",))
 SITE_KEYS = ("x", "element", "position", "atom_block", "block_type", "block_segment", "bonds", "label", "rsa")
 
 
-class SiteModel(nn.Module):
-    hidden: int = 32
-    layers: int = 4
-    heads: int = 4
-    pool_layers: int = 4
-    tp: str = "depthwise"
+class SiteModel(am.Sized):
+    """The encoder with a per-residue (block) logit."""
 
     @nn.compact
     def __call__(self, b):
-        enc = am.Encoder(self.hidden, self.layers, self.heads, self.pool_layers, self.tp, name="encoder")(b)
+        enc = self.encoder()(b)
         h = jnp.concatenate([enc["block_repr"], am.scalars(enc["block_h"])], -1)
         return am.mlp((self.hidden, self.hidden, 1), name="site_head")(h)[:, 0]
 
@@ -250,9 +248,8 @@ def pretrained_encoder(workdir: str, ex) -> tuple[dict, dict]:
     """(encoder parameters, model config) of an atomica_pretrain run; `ex`: any record (its
     shapes give the abstract parameters)."""
     info = json.loads((pathlib.Path(workdir) / "model.json").read_text())
-    m = am.Pretrainer(hidden=info["hidden"], layers=info["layers"], heads=info["heads"],
-                      pool_layers=info["pool_layers"], tp=info["tp"])  # fmt: skip
-    batch = _pretrain_batch(ex)
+    m = am.Pretrainer(**{k: info[k] for k in am.SIZE_KEYS})
+    batch = apt.one_batch(ex)
     abstract = jax.eval_shape(lambda: m.init(jax.random.key(0), batch)["params"])
     params = checkpoint.restore_params(workdir, abstract)
     return params["encoder"], info
@@ -287,7 +284,7 @@ def finetune(config, workdir: str, mesh, src, model, params, eval_recs):
 
 def train_and_evaluate(config, workdir: str):
     mesh = make_mesh(config.mesh.num_devices)
-    builder = ad.build_sites(config.data, config.data.data_dir)
+    builder = sites.build(config.data, config.data.data_dir)
     rep = ad.report(builder)
     src = {s: builder.as_data_source(s) for s in ad.SPLITS}
     recs = {s: [site_record(src[s][i]) for i in range(len(src[s]))] for s in ad.SPLITS}
@@ -299,7 +296,7 @@ def train_and_evaluate(config, workdir: str):
     params0 = jax.device_get(jax.jit(model.init)(jax.random.key(config.train.seed + 1), sample)["params"])
     pre = upstream.ensure_run(config.pretrain_workdir, config.pretrain_config)
     enc, info = pretrained_encoder(pre, recs["train"][0])
-    want = {k: info[k] for k in ("hidden", "layers", "heads", "pool_layers", "tp")}
+    want = {k: info[k] for k in am.SIZE_KEYS}
     if want != config.model.to_dict():
         raise ValueError(f"config.model {config.model.to_dict()} differs from the pretrained run's {want} ({pre})")
     results, scores = {}, {}
@@ -349,7 +346,7 @@ def embed(workdir: str, out: str, data_cfg=None, batch: int = 8) -> str:
 
     dcfg = data_cfg or ml_collections.ConfigDict(cfg["data"])
     builder = ad.build(dcfg, dcfg.data_dir)
-    enc_model = am.Encoder(info["hidden"], info["layers"], info["heads"], info["pool_layers"], info["tp"])
+    enc_model = am.Encoder(**{k: info[k] for k in am.SIZE_KEYS})
     rows, vecs, cap = [], [], gr.Capacity(graphs=batch)
     enc, _ = pretrained_encoder(workdir, builder.as_data_source("train")[0])
     run = jax.jit(enc_model.apply)
@@ -361,8 +358,8 @@ def embed(workdir: str, out: str, data_cfg=None, batch: int = 8) -> str:
             cap.fit(gr.sizes(gs))
             o = run({"params": enc}, {k: jnp.asarray(v) for k, v in gr.collate(gs, cap).items()})
             vecs.append(np.asarray(o["graph_repr"])[: len(gs)])
-            rows += [{"index": len(rows) + j, "split": split, "entry": loop_str(ex["entry"]),
-                      "structure": loop_str(ex["file"]), "segments": loop_str(ex["segments"]),
+            rows += [{"index": len(rows) + j, "split": split, "entry": as_str(ex["entry"]),
+                      "structure": as_str(ex["file"]), "segments": as_str(ex["segments"]),
                       "modality": ad.MODALITIES[int(ex["modality"])]} for j, ex in enumerate(exs)]  # fmt: skip
     emb = np.concatenate(vecs).astype(np.float32)
     os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
@@ -373,15 +370,3 @@ def embed(workdir: str, out: str, data_cfg=None, batch: int = 8) -> str:
         w.writerows(rows)
     log.info("wrote %d interface embeddings (dim %d) to %s.npz and %s.csv", len(emb), emb.shape[1], out, out)
     return out + ".npz"
-
-
-def loop_str(x) -> str:
-    return x.decode() if isinstance(x, bytes) else str(x)
-
-
-def _pretrain_batch(ex) -> dict:
-    """A pretraining batch of one record (for the abstract parameters of the pretraining model)."""
-    g = apt.prepare(ex, np.random.default_rng(0))
-    cap = gr.Capacity(graphs=1)
-    cap.fit(gr.sizes([g]))
-    return {k: jnp.asarray(v) for k, v in gr.collate([g], cap, **apt.EXTRA).items()}

@@ -210,14 +210,24 @@ def l2norm(x, eps: float = 1e-8):
     return x / jnp.sqrt((x**2).sum(-1, keepdims=True) + eps)
 
 
-class Encoder(nn.Module):
-    """Atom and block representations and the interface embedding of a collated batch."""
+SIZE_KEYS = ("hidden", "layers", "heads", "pool_layers", "tp")
+
+
+class Sized(nn.Module):
+    """The encoder's sizes, shared by the encoder and every model built on it."""
 
     hidden: int = 32
     layers: int = 4
     heads: int = 4
     pool_layers: int = 4
     tp: str = "depthwise"
+
+    def encoder(self, name: str = "encoder") -> Encoder:
+        return Encoder(**{k: getattr(self, k) for k in SIZE_KEYS}, name=name)
+
+
+class Encoder(Sized):
+    """Atom and block representations and the interface embedding of a collated batch."""
 
     @nn.compact
     def __call__(self, b: dict) -> dict:
@@ -265,20 +275,14 @@ def _block_attention(mod, q0, atom_repr, atom_block, atom_mask, nb):
     return nn.DenseGeneral(d, axis=(-2, -1), name="pool_o")(out)
 
 
-class Pretrainer(nn.Module):
+class Pretrainer(Sized):
     """The encoder with ATOMICA's pretraining heads: translation (1o) and rotation (1e) scores of
     the noised segment, the torsion score of each noised rotatable bond, and the type of each
     masked block (logits over the block vocabulary)."""
 
-    hidden: int = 32
-    layers: int = 4
-    heads: int = 4
-    pool_layers: int = 4
-    tp: str = "depthwise"
-
     @nn.compact
     def __call__(self, b: dict) -> dict:
-        enc = Encoder(self.hidden, self.layers, self.heads, self.pool_layers, self.tp, name="encoder")(b)
+        enc = self.encoder()(b)
         ha, ng = enc["atom_h"], b["graph_mask"].shape[0]
         h0 = ha.filter(keep="0e").array[:, : self.hidden]
         # translation and rotation: a convolution from the noised atoms to their centre

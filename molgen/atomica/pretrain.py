@@ -205,15 +205,19 @@ def make_evaluator(model, freq, batch: int = 8, seed: int = 0):
 
 
 def make_model(mc) -> am.Pretrainer:
-    return am.Pretrainer(hidden=mc.hidden, layers=mc.layers, heads=mc.heads, pool_layers=mc.pool_layers, tp=mc.tp)
+    return am.Pretrainer(**{k: mc[k] for k in am.SIZE_KEYS})
 
 
-def init_params(model, item, seed: int):
+def one_batch(item, seed: int = 0) -> dict:
+    """A pretraining batch of one record, noised with `seed` (for initialising parameters)."""
     g = prepare(item, np.random.default_rng(seed))
     cap = gr.Capacity(graphs=1)
     cap.fit(gr.sizes([g]))
-    b = {k: jnp.asarray(v) for k, v in gr.collate([g], cap, **EXTRA).items()}
-    return jax.jit(model.init)(jax.random.key(seed), b)["params"]
+    return {k: jnp.asarray(v) for k, v in gr.collate([g], cap, **EXTRA).items()}
+
+
+def init_params(model, item, seed: int):
+    return jax.jit(model.init)(jax.random.key(seed), one_batch(item, seed))["params"]
 
 
 def train_and_evaluate(config, workdir: str):

@@ -289,14 +289,13 @@ def block_min_distances(a: Molecule, b: Molecule) -> tuple[np.ndarray, np.ndarra
     from scipy.spatial import cKDTree
 
     xa, xb = a.x, b.x
-    da = cKDTree(xb).query(xa)[0]
-    db = cKDTree(xa).query(xb)[0]
+    return block_min(a, cKDTree(xb).query(xa)[0]), block_min(b, cKDTree(xa).query(xb)[0])
 
-    def per_block(m, d):
-        sizes = [len(bl.elements) for bl in m.blocks]
-        return np.minimum.reduceat(d, np.cumsum([0] + sizes[:-1])) if sizes else np.zeros(0)
 
-    return per_block(a, da), per_block(b, db)
+def block_min(mol: Molecule, per_atom: np.ndarray) -> np.ndarray:
+    """The smallest of a per-atom quantity within each block of `mol`."""
+    sizes = [len(bl.elements) for bl in mol.blocks]
+    return np.minimum.reduceat(per_atom, np.cumsum([0] + sizes[:-1])) if sizes else np.zeros(0)
 
 
 # Theoretical maximum accessible surface area per residue (Å^2), Tien et al., PLoS ONE 8, e80635 (2013).
@@ -336,6 +335,4 @@ def contact_labels(mol: Molecule, partner_x: np.ndarray, cutoff: float = 5.0) ->
     """1 for each block with a heavy atom within `cutoff` Å of any partner atom."""
     from scipy.spatial import cKDTree
 
-    d = cKDTree(partner_x).query(mol.x)[0]
-    sizes = [len(b.elements) for b in mol.blocks]
-    return (np.minimum.reduceat(d, np.cumsum([0] + sizes[:-1])) < cutoff).astype(np.int32)
+    return (block_min(mol, cKDTree(partner_x).query(mol.x)[0]) < cutoff).astype(np.int32)
