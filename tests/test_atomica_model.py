@@ -39,7 +39,45 @@ def noised(record):
 def pretrainer(request, noised):
     m = model.Pretrainer(hidden=16, layers=4, pool_layers=2, tp=request.param)
     b = _batch([noised], **EXTRA)
-    return m, jax.jit(m.init)(jax.random.key(0), b)
+    params = jax.jit(m.init)(jax.random.key(0), b)
+    # the contact-force head starts at zero: give it weights so every test exercises it
+    k = params["params"]["force_out"]["kernel"]
+    params["params"]["force_out"]["kernel"] = jax.random.normal(jax.random.key(5), k.shape)
+    return m, params
+
+
+def test_contact_forces_are_the_rigid_body_scores(pretrainer, noised):
+    """With the other heads' vectors zeroed, translation = sum of the pair forces and rotation =
+    their torque: moving the partner segment away changes them, a force head at zero gives 0."""
+    m, params = pretrainer
+    b = _batch([noised], **EXTRA)
+    p0 = jax.tree.map(lambda x: x, params)
+    p0["params"]["force_out"]["kernel"] = jnp.zeros_like(params["params"]["force_out"]["kernel"])
+    full, base = m.apply(params, b), m.apply(p0, b)
+    ft, fr = np.asarray(full["trans"] - base["trans"])[0], np.asarray(full["rot"] - base["rot"])[0]
+    assert np.linalg.norm(ft) > 1e-4 and np.linalg.norm(fr) > 1e-4
+    # by hand (numpy) from the per-edge outputs of phi: edges between a noised and a partner
+    # atom within 8 Å, force along partner -> noised, torque about the noised atoms' centre
+    _, st = m.apply(params, b, capture_intermediates=lambda mod, name: mod.name == "force_out")
+    phi = np.asarray(st["intermediates"]["force_out"]["__call__"][0])
+    x, src, dst = (np.asarray(b[k], np.float64) for k in ("x", "atom_src", "atom_dst"))
+    src, dst = src.astype(int), dst.astype(int)
+    nz = np.asarray(b["atom_noised"] & b["atom_mask"]).astype(bool)
+    centre = x[nz].mean(0)
+    want_t, want_r = np.zeros(3), np.zeros(3)
+    for i in range(len(src)):
+        if not (b["atom_edge_mask"][i] and int(b["atom_etype"][i]) == gr.INTER and nz[src[i]] != nz[dst[i]]):
+            continue
+        n, q = (dst[i], src[i]) if nz[dst[i]] else (src[i], dst[i])
+        v = x[n] - x[q]
+        d = np.linalg.norm(v)
+        if d >= 8.0:
+            continue
+        env = 0.5 * (np.cos(np.pi * d / 8.0) + 1)
+        want_t += phi[i, 0] * env * v / d
+        want_r += phi[i, 1] * env * np.cross(x[n] - centre, v / d)
+    np.testing.assert_allclose(ft, want_t, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(fr, want_r, rtol=1e-3, atol=1e-4)
 
 
 def test_rotation_and_translation(pretrainer, noised):

@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from molgen.atomica import graph as gr
 from molgen.chem import complexes as cx
 
 STAGES = ("32x0e", "16x1o+16x2e", "16x1e+16x2o", "32x0o")
@@ -299,7 +300,8 @@ class Pretrainer(Sized):
         vecs = e3nn.flax.Linear("1x1o+1x1e", name="tr_rot_out")(agg)
         scale_tr = mlp((self.hidden, self.hidden, 1), name="tr_scale")(enc["graph_repr"])
         scale_rot = mlp((self.hidden, self.hidden, 1), name="rot_scale")(enc["graph_repr"])
-        out = {"trans": vecs.filter(keep="1o").array * scale_tr, "rot": vecs.filter(keep="1e").array * scale_rot}
+        ftr, frot = _contact_forces(self, b, ha.filter(keep="0e").array[:, : self.hidden], centre, noised)
+        out = {"trans": vecs.filter(keep="1o").array * scale_tr + ftr, "rot": vecs.filter(keep="1e").array * scale_rot + frot}
         # torsions: the atoms around each bond's midpoint
         if "tor_u" in b:
             u, v, nbr, nmask = b["tor_u"], b["tor_v"], b["tor_nbr"], b["tor_nbr_mask"]
@@ -321,7 +323,34 @@ class Pretrainer(Sized):
                 nn.Dense(self.hidden, use_bias=False, name="tor_hidden")(nn.LayerNorm(name="tor_norm")(pooled))
             )
             out["tor"] = nn.Dense(1, use_bias=False, name="tor_out")(z)[:, 0]
-        logits = mlp((self.hidden, self.hidden, cx.n_block_types()), name="mask_head")(nn.relu(enc["block_repr"]))
+        feats = jnp.concatenate([scalars(enc["block_h"]), enc["block_repr"]], axis=-1)
+        logits = mlp((2 * self.hidden, self.hidden, cx.n_block_types()), name="mask_head")(feats)
         out["mask_logits"] = logits
         out.update(enc)
         return out
+
+
+def _contact_forces(mod, b, s, centre, noised, cutoff: float = 8.0):
+    """Rigid-body scores of the noised segment from learned pair forces across the interface:
+    every atom-level edge between a noised and a partner atom carries a force
+    phi(distance, both atoms' scalars) * envelope along the partner -> noised direction; the
+    translation score is their sum per interface, the rotation score (1e) their torque about
+    the noised segment's centre (its own output of phi: the two scores differ in scale). phi's
+    last layer starts at zero."""
+    src, dst, ng = b["atom_src"], b["atom_dst"], b["graph_mask"].shape[0]
+    cross = (b["atom_etype"] == gr.INTER) & b["atom_edge_mask"] & (noised[dst] != noised[src])
+    n_at = jnp.where(noised[dst], dst, src)  # the noised end of each edge
+    p_at = jnp.where(noised[dst], src, dst)
+    u, ok = safe_vec(b["x"][n_at] - b["x"][p_at])
+    d = jnp.linalg.norm(u, axis=-1)
+    ok = ok & cross & (d < cutoff)
+    env = 0.5 * (jnp.cos(jnp.pi * jnp.minimum(d, cutoff) / cutoff) + 1.0)
+    e = jnp.concatenate([gaussians(d, cutoff), s[n_at], s[p_at]], axis=-1)
+    hid = nn.silu(nn.Dense(2 * mod.hidden, name="force_0")(e))
+    f = nn.Dense(2, kernel_init=nn.initializers.zeros, name="force_out")(hid) * (env * ok)[:, None]
+    unit = u / jnp.maximum(d, 1e-6)[:, None]
+    g = b["atom_graph"][n_at]
+    r = b["x"][n_at] - centre[g]
+    trans = jax.ops.segment_sum(f[:, :1] * unit, g, ng)
+    rot = jax.ops.segment_sum(f[:, 1:] * jnp.cross(r, unit), g, ng)
+    return trans, rot
