@@ -301,7 +301,8 @@ class Pretrainer(Sized):
         scale_tr = mlp((self.hidden, self.hidden, 1), name="tr_scale")(enc["graph_repr"])
         scale_rot = mlp((self.hidden, self.hidden, 1), name="rot_scale")(enc["graph_repr"])
         ftr, frot = _contact_forces(self, b, ha.filter(keep="0e").array[:, : self.hidden], centre, noised)
-        out = {"trans": vecs.filter(keep="1o").array * scale_tr + ftr, "rot": vecs.filter(keep="1e").array * scale_rot + frot}
+        out = {"trans": vecs.filter(keep="1o").array * scale_tr + ftr,
+               "rot": vecs.filter(keep="1e").array * scale_rot + frot}  # fmt: skip
         # torsions: the atoms around each bond's midpoint
         if "tor_u" in b:
             u, v, nbr, nmask = b["tor_u"], b["tor_v"], b["tor_nbr"], b["tor_nbr_mask"]
