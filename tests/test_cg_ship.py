@@ -159,6 +159,81 @@ def test_bad_artifacts_and_data_files_give_clear_errors(artifact, tmp_path):
         lammps.run(artifact, tmp_path / "r2", data_file=tmp_path / "short.data", steps=0)
 
 
+def test_metadata_describes_topology_padding_and_outputs(artifact, tmp_path):
+    """Format v2 carries what a user without molgen needs; a v1 artifact still loads."""
+    meta = json.loads((artifact / "metadata.json").read_text())
+    assert meta["format"] == export.FORMAT == "molgen-cg-export-v2"
+    p = meta["proteins"][0]
+    want = export.topology_arrays(p["chains"])
+    for k in export.TOPOLOGY_KEYS:
+        np.testing.assert_array_equal(np.asarray(p["topology"][k]).reshape(want[k].shape), want[k], err_msg=k)
+    rule = meta["topology_rule"]
+    assert rule["min_repulsive_separation"] == priors.MIN_REPULSIVE_SEP
+    assert rule["excluded_separations"] == list(priors.EXCLUDED_SEPS)
+    # the rule in numbers rebuilds the arrays (one chain)
+    i, j = np.triu_indices(p["n_beads"], 1)
+    sep = j - i
+    assert len(p["topology"]["repulsive"]) == int((sep >= rule["min_repulsive_separation"]).sum())
+    lo, hi = rule["excluded_separations"][0], rule["excluded_separations"][-1]
+    assert len(p["topology"]["excluded"]) == int(((sep >= lo) & (sep <= hi)).sum())
+    assert meta["pairs"]["bucket"] == lammps.BUCKET and "padding" in meta["pairs"]["convention"]
+    assert set(meta["outputs"]) == {"energy", "forces", "virial"} and "LAMMPS" in meta["outputs"]["virial"]
+    old = tmp_path / "v1"
+    shutil.copytree(artifact, old)
+    (old / "metadata.json").write_text(json.dumps(dict(meta, format="molgen-cg-export-v1")))
+    export.load(old)
+    (old / "metadata.json").write_text(json.dumps(dict(meta, format="molgen-cg-export-v0")))
+    with pytest.raises(export.ExportError, match="metadata.json: format 'molgen-cg-export-v0'"):
+        export.load(old)
+
+
+BLOCKER = """
+import runpy, sys
+class NoMolgen:
+    def find_spec(self, name, path=None, target=None):
+        if name == "molgen" or name.startswith("molgen."):
+            raise ImportError(name + " is blocked: run_exported.py must not need molgen")
+sys.meta_path.insert(0, NoMolgen())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_run_exported_needs_nothing_from_molgen(artifact, tmp_path):
+    """launch/lammps/run_exported.py with molgen unimportable: 500 NVE steps of two copies,
+    energy conserved, at most 3 compilations (counted in jax's compilation log)."""
+    (tmp_path / "blocker.py").write_text(BLOCKER)
+    script = cg_run.ROOT / "launch" / "lammps" / "run_exported.py"
+    env = {k: v for k, v in cg_run.env().items() if k != "PYTHONPATH"}
+    env["JAX_LOG_COMPILES"] = "1"
+    res = subprocess.run([sys.executable, str(tmp_path / "blocker.py"), str(script), str(artifact), "--copies=2",
+                          "--ensemble=nve", "--steps=500", "--dt=1", "--thermo=10", f"--out={tmp_path / 'run'}"],
+                         cwd=tmp_path, capture_output=True, text=True, env=env)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    compiles = [x for x in res.stderr.splitlines() if "Finished XLA compilation of jit(call)" in x]
+    assert 1 <= len(compiles) <= 3, res.stderr[-3000:]
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["copies"] == 2 and run["compilations"] == len(compiles) and run["steps"] == 500
+    e = np.asarray([r["etotal"] for r in run["thermo"]])
+    assert len(e) == 51 and np.isfinite(e).all()
+    assert np.std(e) < 0.02 * run["ke_mean"] and abs(e[-1] - e[0]) < 0.02 * run["ke_mean"]
+    assert abs(run["drift_kcal_mol_ns_bead"]) < 1.0
+    # the data file it wrote (atoms in shuffled order) read back: the same system, its energy
+    again = subprocess.run([sys.executable, str(tmp_path / "blocker.py"), str(script), str(artifact),
+                            f"--data={tmp_path / 'run' / 'system.data'}", "--ensemble=nve", "--steps=20", "--dt=1",
+                            "--thermo=10", f"--out={tmp_path / 'again'}"],
+                           cwd=tmp_path, capture_output=True, text=True, env=env)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    rerun = json.loads((tmp_path / "again" / "run.json").read_text())
+    assert rerun["beads"] == run["beads"] and rerun["thermo"][0]["pe"] == pytest.approx(run["thermo"][0]["pe"], 1e-5)
+    # a data file that is not copies of the protein is refused, naming the file
+    (tmp_path / "bad.data").write_text((tmp_path / "run" / "system.data").read_text().replace(" atoms", " atomz", 1))
+    bad = subprocess.run([sys.executable, str(tmp_path / "blocker.py"), str(script), str(artifact),
+                          f"--data={tmp_path / 'bad.data'}", f"--out={tmp_path / 'bad'}"],
+                         cwd=tmp_path, capture_output=True, text=True, env=env)  # fmt: skip
+    assert bad.returncode != 0 and "bad.data" in bad.stderr
+
+
 def test_jax_md_nve_conserves_energy_and_python_loop_runs(artifact, trained):
     _, model, nnp, pp, _ = trained
     meta = json.loads((artifact / "metadata.json").read_text())

@@ -10,8 +10,9 @@ residue with patches centred by farthest-point sampling and takes each residue's
 patch whose centre is nearest to it. `site.mode`: "finetune" trains encoder and head together
 (`core.loop.fit`, one run per encoder under pretrained/ and random/); "frozen" (the quick
 variant, a 2-core budget) keeps the encoder fixed and fits the head, a standardised logistic
-regression, on each residue's encoder features (block representation and invariant block
-scalars), the linear probe of representation learning. Three models, one split, one run:
+regression, on each residue's invariant encoder features (block representation, scalars and
+vector norms of the block and of its atoms), the linear probe of representation learning.
+Three models, one split, one run:
 1. `pretrained`: the encoder of an atomica_pretrain run (built when missing);
 2. `random`: the same model and head from a random encoder;
 3. `logistic`: logistic regression on residue type (one-hot) plus relative solvent
@@ -28,6 +29,7 @@ import logging
 import os
 import pathlib
 
+import e3nn_jax as e3nn
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -166,13 +168,19 @@ def predict(model, params, records: list, size: int, batch: int = 4) -> list[np.
 
 
 def encoder_features(enc_model, enc_params, records: list, size: int, batch: int = 4) -> list[np.ndarray]:
-    """Per protein, each residue's frozen-encoder features: its block representation and the
-    invariant scalars of its block-level output."""
+    """Per protein, each residue's frozen-encoder features, all invariant: its block
+    representation, the scalars and the per-channel norms of the vectors and tensors of its
+    block-level output, and the mean of its atoms' atom-level scalars and norms."""
+
+    def invariants(h):
+        return jnp.concatenate([am.scalars(h), e3nn.norm(h.filter(drop=["0e", "0o"])).array], -1)
 
     @jax.jit
     def run(b):
         o = enc_model.apply({"params": enc_params}, b)
-        return jnp.concatenate([o["block_repr"], am.scalars(o["block_h"])], -1)
+        nb = b["block_type"].shape[0]
+        atoms = am.segment_mean(invariants(o["atom_h"]), b["atom_block"], nb, b["atom_mask"])
+        return jnp.concatenate([o["block_repr"], invariants(o["block_h"]), atoms], -1)
 
     return per_residue(run, records, size, batch)
 

@@ -18,8 +18,11 @@ The exported function takes (all int32 indices into the beads; n, e, b, a, d, p,
     repulsive i32[p, 2], excluded i32[q, 2], excluded_sep i32[q]   the prior topology
 
 and returns (energy f32[] kcal/mol, forces f32[n, 3] kcal/mol/Å, virial f32[3, 3] kcal/mol).
-The topology of `copies` copies of the trained protein comes from `topology_arrays`.
-Loading needs only jax (`load`, also copied standalone into the snippet in README.md).
+The metadata (format v2) describes all of this for a user without molgen: each protein's
+topology arrays (`proteins[i].topology`) and the rule that made them (`topology_rule`), the
+padding convention and a bucket size (`pairs`), and what each output means with its sign
+(`outputs`). `launch/lammps/run_exported.py` runs an artifact in LAMMPS from the metadata alone.
+Loading needs only jax (`load` reads v1 and v2; also copied standalone into README.md).
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from absl import flags
 
 from molgen.core import cli
 
-FORMAT = "molgen-cg-export-v1"
+FORMAT = "molgen-cg-export-v2"
+FORMATS = ("molgen-cg-export-v1", FORMAT)  # v1: no topology, padding or output descriptions in the metadata
+BUCKET = 256  # recommended padding multiple for the neighbour pairs (one compilation per bucket)
 TOPOLOGY_KEYS = ("bonds", "angles", "dihedrals", "repulsive", "excluded", "excluded_sep")
 _TOPO_FROM_PRIORS = {"bonds": "bond", "angles": "angle", "dihedrals": "dihedral", "repulsive": "repulsive",
                      "excluded": "excluded", "excluded_sep": "excluded_sep"}  # fmt: skip
@@ -187,7 +192,16 @@ def write(workdir: str, out: str | None = None, platforms=("cpu", "cuda")) -> pa
             "receivers i32[e]",
             "topology {" + ", ".join(TOPOLOGY_KEYS) + "}",
         ],  # fmt: skip
-        "outputs": ["energy f32[]", "forces f32[n,3]", "virial f32[3,3]"],
+        "outputs": OUTPUTS,
+        "topology_rule": topology_rule(),
+        "pairs": {
+            "convention": "senders[k] -> receivers[k]: every pair of beads closer than `cutoff` (Å), listed in "
+            "both directions; entries whose sender or receiver is >= n (the bead count) are padding and "
+            "are ignored, so pad both arrays with n up to a multiple of `bucket`: the function compiles "
+            "once per array length",
+            "bucket": BUCKET,
+            "pad_value": "n",
+        },  # fmt: skip
         "platforms": list(exp.platforms),
         "jax_version": jax.__version__,
         "workdir": str(pathlib.Path(workdir).absolute()),
@@ -215,14 +229,44 @@ def system_metadata(config) -> dict:
                 pdb = mdcath._text(f[dom]["pdbProteinAtoms"])
             topo = mdcath.parse_topology(pdb, dom)
             folded = mdcath.ca_positions(pdb, topo).tolist()
+            chains = [len(topo.species)]
             proteins.append({"domain": dom, "n_beads": len(topo.species), "resnames": list(topo.resnames),
                              "species": topo.species.tolist(), "masses": residue_masses(topo.resnames),
-                             "chains": [len(topo.species)], "folded": folded})  # fmt: skip
+                             "chains": chains, "folded": folded,
+                             "topology": {k: v.tolist() for k, v in topology_arrays(chains).items()}})  # fmt: skip
     return {
         "species": {name: i for i, name in enumerate(mdcath.AMINO_ACIDS)},
         "species_masses": dict(zip(mdcath.AMINO_ACIDS, residue_masses(mdcath.AMINO_ACIDS), strict=True)),
         "proteins": proteins,
     }
+
+
+OUTPUTS = {
+    "energy": "f32[] kcal/mol: the potential energy of all beads (priors + network), no kinetic part",
+    "forces": "f32[n,3] kcal/mol/Å: -dE/dpositions, per bead in input order",
+    "virial": "f32[3,3] kcal/mol: W = -dE/d(strain), strain acting as x -> (1 + strain) x; W = sum_i x_i f_i^T "
+              "in free space (positive for repulsion), LAMMPS' sign: pass xx, yy, zz, xy, xz, yz to "
+              "fix_external_set_virial_global",
+}  # fmt: skip
+
+
+def topology_rule() -> dict:
+    """The rule behind the topology arrays, in words and numbers (for users without molgen)."""
+    from molgen.cg import priors
+
+    return {
+        "indices": "0-based bead indices within a protein; for several copies add copy * n_beads to every index "
+                   "(excluded_sep unchanged); chains are consecutive, in `chains` order",
+        "bonds": "(i, i+1) within a chain",
+        "angles": "(i, i+1, i+2) within a chain",
+        "dihedrals": "(i, i+1, i+2, i+3) within a chain",
+        "repulsive": f"pairs (i, j) with i < j in one chain and j - i >= {priors.MIN_REPULSIVE_SEP}",
+        "excluded": f"pairs (i, j) with i < j in one chain and {priors.EXCLUDED_SEPS[0]} <= j - i <= "
+                    f"{priors.EXCLUDED_SEPS[-1]}; excluded_sep = j - i",
+        "across_chains": "no prior term joins beads of different chains or copies (the network still sees them)",
+        "min_repulsive_separation": priors.MIN_REPULSIVE_SEP,
+        "excluded_separations": list(priors.EXCLUDED_SEPS),
+    }  # fmt: skip
 
 
 def _atomic_write(path: pathlib.Path, payload: bytes):
@@ -244,8 +288,8 @@ def load(folder: str, species_map: dict | None = None):
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as e:
         raise ExportError(f"{meta_path}: cannot read the export metadata ({e})") from e
-    if meta.get("format") != FORMAT:
-        raise ExportError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT!r}")
+    if meta.get("format") not in FORMATS:
+        raise ExportError(f"{meta_path}: format {meta.get('format')!r} is not one of {FORMATS}")
     if species_map is not None and dict(species_map) != meta["species"]:
         theirs = meta["species"]
         diff = sorted(k for k in set(species_map) | set(theirs) if species_map.get(k) != theirs.get(k))

@@ -32,7 +32,7 @@ from molgen.cg import export
 
 TEMPLATE = pathlib.Path(__file__).resolve().parents[2] / "launch" / "lammps" / "in.cg.template"
 FIX_ID = "molgen"
-BUCKET = 256  # neighbour pairs are padded to a multiple of this (one compilation per bucket)
+BUCKET = export.BUCKET  # neighbour pairs are padded to a multiple of this (one compilation per bucket)
 
 
 class LammpsError(RuntimeError):

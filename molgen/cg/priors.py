@@ -72,8 +72,9 @@ def topology(n_max: int, chains=None) -> dict:
         out["angle"].append(np.stack([i[:-2], i[1:-1], i[2:]], -1))
         out["dihedral"].append(np.stack([i[:-3], i[1:-2], i[2:-1], i[3:]], -1))
         out["repulsive"].append(pairs[sep >= MIN_REPULSIVE_SEP])
-        out["excluded"].append(pairs[(sep >= 2) & (sep <= 5)])
-        out["excluded_sep"].append(sep[(sep >= 2) & (sep <= 5)])
+        excl = (sep >= EXCLUDED_SEPS[0]) & (sep <= EXCLUDED_SEPS[-1])
+        out["excluded"].append(pairs[excl])
+        out["excluded_sep"].append(sep[excl])
         start += n
     width = {"bond": 2, "angle": 3, "dihedral": 4, "repulsive": 2, "excluded": 2}
     return {k: np.concatenate(v).reshape(-1, width[k]) if k in width else np.concatenate(v) for k, v in out.items()}
