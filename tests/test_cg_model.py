@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from molgen.cg import allegro, data, neighbors, priors
+from molgen.cg import allegro, data, energy, neighbors, priors, train
 
 PRIORS = {
     "bond": {"kr": 60.0, "r0": 3.8},
@@ -138,21 +138,20 @@ def test_periodic_neighbour_list(periodic):
 
 def _model(box=0.0):
     """The training driver's Model (tiny config) on a 12-bead frame padded to 16."""
-    from molgen.cg import train
 
     cfg = _tiny_box_config(box)
     x, spc, mask = _frame()
     if box:
         x = jnp.where(mask[:, None], x + box / 2, x)
-    model = train.make_model(cfg, 16, 16 * 15, x)
-    params = train.init_net(model, 0, {"positions": x, "species": spc})
+    model = energy.make_model(cfg, 16, 16 * 15, x)
+    params = energy.init_net(model, 0, {"positions": x, "species": spc})
     return train, model, params, priors.as_jax(PRIORS), x, spc, mask
 
 
 def test_virial_in_free_space_is_sum_of_x_outer_f():
     train, model, params, pp, x, spc, mask = _model()
-    e, f, w, overflow = jax.jit(lambda p: train.frame_forces_virial(model, p, pp, x, spc, mask))(params)
-    e2, f2, _ = jax.jit(lambda p: train.frame_forces(model, p, pp, x, spc, mask))(params)
+    e, f, w, overflow = jax.jit(lambda p: energy.frame_forces_virial(model, p, pp, x, spc, mask))(params)
+    e2, f2, _ = jax.jit(lambda p: energy.frame_forces(model, p, pp, x, spc, mask))(params)
     assert not bool(overflow) and np.isclose(float(e), float(e2), rtol=1e-6)
     np.testing.assert_allclose(f, f2, rtol=1e-5, atol=1e-5)
     real = np.asarray(mask)
@@ -166,19 +165,19 @@ def test_periodic_box_minimum_image_energy_and_virial():
     the trace of the virial is minus the derivative of E under uniform scaling of box and beads."""
     box = 32.0
     train, model, params, pp, x, spc, mask = _model(box)
-    e = float(train.frame_energy(model, params, pp, x, spc, mask)[0])
+    e = float(energy.frame_energy(model, params, pp, x, spc, mask)[0])
     shifted = x.at[3].add(jnp.array([box, 0.0, -box]))
-    assert np.isclose(float(train.frame_energy(model, params, pp, shifted, spc, mask)[0]), e, rtol=1e-5)
+    assert np.isclose(float(energy.frame_energy(model, params, pp, shifted, spc, mask)[0]), e, rtol=1e-5)
     _, free, fparams, *_ = _model(0.0)
     x_free = jnp.where(mask[:, None], x - box / 2, x)
-    e_free = float(train.frame_energy(free, params, pp, x_free, spc, mask)[0])
+    e_free = float(energy.frame_energy(free, params, pp, x_free, spc, mask)[0])
     assert np.isclose(e, e_free, rtol=1e-5, atol=1e-4)
 
-    w = train.frame_forces_virial(model, params, pp, x, spc, mask)[2]
+    w = energy.frame_forces_virial(model, params, pp, x, spc, mask)[2]
 
     def scaled_energy(s):
-        m = train.make_model(_tiny_box_config(box * s), 16, 16 * 15, x * s)
-        return float(train.frame_energy(m, params, pp, x * s, spc, mask)[0])
+        m = energy.make_model(_tiny_box_config(box * s), 16, 16 * 15, x * s)
+        return float(energy.frame_energy(m, params, pp, x * s, spc, mask)[0])
 
     h = 1e-3
     de_ds = (scaled_energy(1 + h) - scaled_energy(1 - h)) / (2 * h)
@@ -222,7 +221,7 @@ def test_force_loss_weights_extra_frames_against_a_hand_computation():
     ref = jax.random.normal(jax.random.key(1), xs.shape)
     batch = {"positions": xs, "species": ss, "mask": ms, "forces": ref, "extra": jnp.asarray([False, True])}
     loss, aux = jax.jit(lambda p, b: train.force_loss(model, pp, 2.0, extra_weight=0.25)(p, b, None))(params, batch)
-    forces = jax.jit(jax.vmap(lambda a, b, c: train.frame_forces(model, params, pp, a, b, c)[1]))(xs, ss, ms)
+    forces = jax.jit(jax.vmap(lambda a, b, c: energy.frame_forces(model, params, pp, a, b, c)[1]))(xs, ss, ms)
     real = np.asarray(mask)
     sq = [float(np.sum((np.asarray(forces[i]) - np.asarray(ref[i]))[real] ** 2)) for i in range(2)]
     assert np.isclose(float(loss), 2.0 * (sq[0] + 0.25 * sq[1]), rtol=1e-5)
@@ -235,13 +234,12 @@ def test_force_matching_parameter_gradient_is_finite_with_coincident_beads():
     zero-length bond between two real beads: the loss gradient w.r.t. the parameters, jitted as
     the training step is, is computed under jax_debug_nans (a NaN in it raises) and is finite
     and not zero."""
-    from molgen.cg import train
 
     cfg = _tiny_box_config(0.0)
     cfg.model.n_layers = 1  # one layer keeps the second-order compile to seconds
     x, spc, mask = _frame()
-    model = train.make_model(cfg, 16, 16 * 15, x)
-    params = jax.jit(lambda: train.init_net(model, 0, {"positions": x, "species": spc}))()  # eager: 4x slower
+    model = energy.make_model(cfg, 16, 16 * 15, x)
+    params = jax.jit(lambda: energy.init_net(model, 0, {"positions": x, "species": spc}))()  # eager: 4x slower
     bad = x.at[15].set(x[14]).at[5].set(x[4])
     batch = {"positions": bad[None], "species": spc[None], "mask": mask[None],
              "forces": jax.random.normal(jax.random.key(1), (1, *x.shape)), "extra": jnp.asarray([False])}  # fmt: skip

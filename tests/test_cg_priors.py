@@ -99,7 +99,7 @@ def test_fit_on_villin_frames(villin_h5, tmp_path):
 
 
 def test_paired_gain_against_hand_values():
-    from molgen.cg.train import paired_gain
+    from molgen.cg.evaluation import paired_gain
 
     ref = np.zeros((3, 2, 3))
     mask = np.asarray([[True, True], [True, False], [True, True]])

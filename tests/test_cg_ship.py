@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from molgen.cg import analysis, data, export, lammps, md, priors, train
+from molgen.cg import analysis, data, energy, export, lammps, md, priors, train
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +30,8 @@ def trained(cg_trained):
 
 def _jax_forces(trained, x, species):
     cfg, _, nnp, pp, _ = trained
-    full = train.make_model(cfg, len(x), len(x) * (len(x) - 1), x)
-    out = train.frame_forces(full, nnp, priors.as_jax(pp), jnp.asarray(x, jnp.float32), jnp.asarray(species),
+    full = energy.make_model(cfg, len(x), len(x) * (len(x) - 1), x)
+    out = energy.frame_forces(full, nnp, priors.as_jax(pp), jnp.asarray(x, jnp.float32), jnp.asarray(species),
                              jnp.ones(len(x), bool))  # fmt: skip
     return float(out[0]), np.asarray(out[1], np.float64)
 

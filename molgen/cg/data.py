@@ -248,7 +248,7 @@ def force_maps(builder) -> dict:
 def build(cfg, data_dir: str) -> MdcathCG:
     """Build (once) and return the builder for a `data` config group; writes build_report.json
     and species.json next to the dataset."""
-    if cfg.get("force_map", "sum") not in ("sum", "optimized"):
+    if cfg.force_map not in ("sum", "optimized"):
         raise ValueError(f"data.force_map must be 'sum' or 'optimized', got {cfg.force_map!r}")
     n_max = cfg.n_max or max(len(r.species) for f in source_files(cfg.source) for r in _topologies(f))
     bc = CGConfig(
@@ -261,9 +261,9 @@ def build(cfg, data_dir: str) -> MdcathCG:
         test_fraction=cfg.test_fraction,
         on_nan=cfg.on_nan,
         seed=cfg.seed,
-        force_map=cfg.get("force_map", "sum"),
-        force_map_window=cfg.get("force_map_window", 1),
-        extra_train=extra_sources(cfg.get("extra_train", "")),
+        force_map=cfg.force_map,
+        force_map_window=cfg.force_map_window,
+        extra_train=extra_sources(cfg.extra_train),
     )
     bc = dataclasses.replace(bc, name=config_name(bc))
 

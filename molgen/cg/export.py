@@ -58,7 +58,7 @@ def load_trained(workdir: str):
     training run: the best ensemble member's parameters after its last enabled stage."""
     import ml_collections
 
-    from molgen.cg import priors, train
+    from molgen.cg import energy, priors
     from molgen.core import checkpoint
 
     wd = pathlib.Path(workdir)
@@ -68,17 +68,17 @@ def load_trained(workdir: str):
     config = ml_collections.ConfigDict(json.loads((wd / "config.json").read_text()))
     if (wd / "model.json").exists():  # values the training resolved from its data
         config.model.inner_cutoff = json.loads((wd / "model.json").read_text())["inner_cutoff"]
-    elif config.model.get("inner_cutoff", 0.0) < 0:
+    elif config.model.inner_cutoff < 0:
         raise FileNotFoundError(f"{wd}: no model.json, so model.inner_cutoff=auto cannot be resolved")
     ens = json.loads((wd / "ensemble.json").read_text())
     best = int(ens["best_seed"])
     stages = [s for s in ("stage1", "stage2") if config.stages[s].enabled]
     if not stages:
         raise ValueError(f"{wd}: no training stage was enabled, there are no network parameters")
-    vmapped = config.ensemble.get("vmap", False) and config.ensemble.seeds > 1
+    vmapped = config.ensemble.vmap and config.ensemble.seeds > 1
     run_dir = wd / ("ensemble" if vmapped else f"seed_{best}") / stages[-1]
     mc = config.model
-    net = train.make_net(mc, float(mc.get("inner_cutoff", 0.0)))
+    net = energy.make_net(mc, float(mc.inner_cutoff))
     x = jnp.asarray(np.arange(12, dtype=np.float32).reshape(4, 3))
     template = jax.eval_shape(lambda: net.init(jax.random.key(0), x, jnp.zeros(4, jnp.int32), *_pairs(4))["params"])
     if vmapped:
@@ -90,8 +90,8 @@ def load_trained(workdir: str):
     prior_file = wd / ("priors_lbfgs.json" if config.stages.lbfgs.enabled else "priors.json")
     prior_params = priors.load(str(prior_file))
     pc = config.priors
-    model = train.Model(net, None, None, None, {k: float(pc.weights[k]) for k in priors.TERMS},
-                        bool(pc.excluded_volume), float(mc.get("box", 0.0)))  # fmt: skip
+    model = energy.Model(net, None, None, None, {k: float(pc.weights[k]) for k in priors.TERMS},
+                        bool(pc.excluded_volume), float(mc.box))  # fmt: skip
     return config, model, jax.device_get(params), prior_params, {"best_seed": best, "checkpoint": str(run_dir)}
 
 
@@ -113,7 +113,7 @@ def topology_arrays(chains) -> dict:
 
 def energy_fn(model, nn_params, prior_params):
     """f(positions, species, senders, receivers, topology dict) -> (energy, forces, virial)."""
-    from molgen.cg import priors, train
+    from molgen.cg import priors
 
     pp = priors.as_jax(prior_params)
 
@@ -125,7 +125,7 @@ def energy_fn(model, nn_params, prior_params):
         mask = jnp.ones((n,), bool)
 
         def e(x, strain):
-            return train.graph_energy(model, nn_params, pp, x, species, mask, edges, ptopo, strain)[0]
+            return energy.graph_energy(model, nn_params, pp, x, species, mask, edges, ptopo, strain)[0]
 
         energy, (gx, gs) = jax.value_and_grad(e, argnums=(0, 1))(positions, jnp.zeros((3, 3), positions.dtype))
         return energy, -gx, -gs
@@ -183,7 +183,7 @@ def write(workdir: str, out: str | None = None, platforms=("cpu", "cuda")) -> pa
         "format": FORMAT,
         **system_metadata(config),
         "cutoff": float(config.model.cutoff),
-        "box": float(config.model.get("box", 0.0)),
+        "box": float(config.model.box),
         "units": {"style": "real", "length": "Å", "energy": "kcal/mol", "force": "kcal/mol/Å", "mass": "amu"},
         "inputs": [
             "positions f32[n,3]",

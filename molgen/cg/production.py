@@ -26,7 +26,7 @@ import pathlib
 import jax.numpy as jnp
 import numpy as np
 
-from molgen.cg import analysis, data, export, lammps, priors, train
+from molgen.cg import analysis, data, energy, export, lammps, priors, train
 from molgen.core import loop
 
 log = logging.getLogger("molgen")
@@ -81,8 +81,8 @@ def force_check(config, workdir, folder, trained, splits) -> dict:
         xl, fl, tags = lammps.received_forces(folder, run_dir, x, seed=k, steps=int(resort),
                                               sort_every=1 if resort else 1000)  # fmt: skip
         if full is None:
-            full = train.make_model(cfg, len(x), len(x) * (len(x) - 1), x)
-        _, fj, _ = train.frame_forces(full, nnp, priors.as_jax(pp), jnp.asarray(xl, jnp.float32),
+            full = energy.make_model(cfg, len(x), len(x) * (len(x) - 1), x)
+        _, fj, _ = energy.frame_forces(full, nnp, priors.as_jax(pp), jnp.asarray(xl, jnp.float32),
                                       jnp.asarray(test["species"][i][m]), jnp.ones(len(x), bool))  # fmt: skip
         fj = np.asarray(fj, np.float64)
         rel = float(np.abs(fl - fj).max() / np.abs(fj).max())

@@ -17,15 +17,14 @@ every parameter, the optimiser applied per member, all members on the same batch
 is then identical to sequential seed k's init). The best by validation force MSE is kept and
 `ensemble.json` reports every member and the spread.
 
-`model.box` > 0 trains in a cubic periodic box (minimum-image geometry in the priors and in
-Allegro, jax-md cell lists); `frame_forces_virial` gives the virial from a strain derivative.
+The energy model (priors + Allegro, forces, virial) is in `cg.energy`; evaluation, the noise
+floor and the plots in `cg.evaluation`; this module holds the data, the prior fits and the
+staged training.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 import logging
 import os
 import pathlib
@@ -35,10 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
-from jax_md import space
 
-from molgen.cg import allegro, data, mdcath, neighbors, priors, simulate
-from molgen.core import logging as mlog
+from molgen.cg import data, neighbors, priors, simulate
+from molgen.cg.energy import Model, frame_forces, init_net, make_model, resolve_model_config
+from molgen.cg.evaluation import evaluate, noise_floor, plot_loss
 from molgen.core import loop
 from molgen.core import step as core_step
 from molgen.core import streams as streams_lib
@@ -76,190 +75,13 @@ def load_split(source) -> dict:
     return out
 
 
-def noise_floor(config, workdir, split, maps=None) -> dict:
-    """E[Var(F | CA positions)] over the split's temperatures (fixed-CA MD, see
-    simulate.conditional_force_noise), weighted by the split's frames per (domain, temperature),
-    for the dataset's force map (`maps`: {domain: W}, the residue sums where absent; with a map
-    the residue sums' floor on the same samples comes too); cached in noise_floor.json."""
-    path = pathlib.Path(workdir) / "noise_floor.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    nc = config.eval.noise_floor
-    maps = maps or {}
-    files = {d: f for f in data.source_files(config.data.source) for d in mdcath.domains(f)}
-    rng = np.random.default_rng(nc.seed)
-    parts, total = [], 0.0
-    groups = sorted({(d, int(t)) for d, t in zip(split["domain"], split["temperature"], strict=True)})
-    for dom, temp in groups:
-        idx = np.flatnonzero((split["domain"] == dom) & (split["temperature"] == temp))
-        pick = rng.choice(idx, size=min(nc.configs_per_temperature, len(idx)), replace=False)
-        frames = [(int(split["replica"][i]), int(split["frame"][i])) for i in pick]
-        res = simulate.conditional_force_noise(files[dom], dom, temp, frames, nc.samples, nc.steps_per_sample,
-                                               nc.equilibration_steps, seed=nc.seed, weights=maps.get(dom))  # fmt: skip
-        res.update(domain=dom, weight=len(idx) / len(split["domain"]))
-        parts.append(res)
-        total += res["weight"] * res["noise_mse"]
-        log.info(
-            "noise floor %s %d K: %.4g (kcal/mol/Å)^2 from %d configurations", dom, temp, res["noise_mse"], len(frames)
-        )
-    per = np.asarray([v for g in parts for v in g["per_config"]])
-    # standard error: configurations differ far more than the within-configuration estimate does
-    se = float(np.sqrt(sum((g["weight"] * np.std(g["per_config"], ddof=1)) ** 2 / len(g["per_config"])
-                           for g in parts if len(g["per_config"]) > 1)))  # fmt: skip
-    out = {"noise_mse": total, "noise_mse_se": se, "per_config_range": [float(per.min()), float(per.max())],
-           "groups": parts}  # fmt: skip
-    if all("noise_mse_sum" in g for g in parts):
-        out["noise_mse_residue_sum"] = float(sum(g["weight"] * g["noise_mse_sum"] for g in parts))
-    loop.write_json(workdir, "noise_floor.json", out)
-    return out
-
-
 def pipeline(source, *, global_batch, seed, streams, n_streams, train=True):
     keys = ("positions", "forces", "species", "mask", "extra")
     return streams_lib.array_pipeline(source, keys, global_batch=global_batch, seed=seed, streams=streams,
                                       n_streams=n_streams, train=train)  # fmt: skip
 
 
-def pair_stats(positions_FxNx3, mask_FxN, cutoff: float) -> tuple[int, float]:
-    """(largest number of directed pairs within the cutoff in any frame, shortest pair distance
-    in any frame) over real beads (host, exact)."""
-    best, shortest = 0, np.inf
-    for x, m in zip(positions_FxNx3, mask_FxN, strict=True):
-        x = x[m]
-        d = np.linalg.norm(x[:, None] - x[None], axis=-1)
-        best = max(best, int((d < cutoff).sum() - len(x)))
-        shortest = min(shortest, float(d[np.triu_indices(len(x), 1)].min()))
-    return best, shortest
-
-
 # ----------------------------------------------------------------------------- model
-
-
-@dataclasses.dataclass(frozen=True)
-class Model:
-    """Everything the energy needs besides the parameters (static under jit)."""
-
-    net: allegro.Allegro
-    topo: dict
-    nbr_fn: object
-    nbr_template: object  # a NeighborList of the fixed capacity
-    weights: dict
-    excluded: bool
-    box: float = 0.0  # cubic periodic box edge in Å; 0 = free space
-
-    def __hash__(self):
-        return id(self)
-
-    def displacement(self, strain=None):
-        """jax-md displacement of this space (None = plain differences), optionally strained:
-        every displacement vector d becomes (1 + strain) d, whose energy derivative is the virial."""
-        base = space.periodic(self.box)[0] if self.box else None
-        if strain is None:
-            return base
-        t = jnp.eye(3, dtype=strain.dtype) + strain
-        return lambda a, b: t @ (base(a, b) if base is not None else a - b)
-
-    def wrap(self, positions):
-        """Positions the neighbour list sees: wrapped into the box when periodic."""
-        return jnp.mod(positions, self.box) if self.box else positions
-
-
-def make_net(mc, inner_cutoff: float) -> allegro.Allegro:
-    """The Allegro network of a `model` config group (the inner cutoff already resolved)."""
-    return allegro.Allegro(
-        n_species=20, cutoff=mc.cutoff, n_basis=mc.n_basis, n_layers=mc.n_layers, latent=mc.latent,
-        channels=mc.channels, lmax=mc.lmax, embed=mc.embed, mlp_depth=mc.mlp_depth, avg_neighbors=mc.avg_neighbors,
-        env_norm=mc.get("env_norm", "avg"), inner_cutoff=inner_cutoff, inner_width=float(mc.get("inner_width", 1.0)),
-    )  # fmt: skip
-
-
-def make_model(config, n_max: int, capacity: int, example_positions) -> Model:
-    mc = config.model
-    net = make_net(mc, _inner(mc))
-    box = float(mc.get("box", 0.0))
-    fn = neighbors.neighbor_fn(mc.cutoff, box=box or None)
-    x0 = jnp.mod(jnp.asarray(example_positions), box) if box else jnp.asarray(example_positions)
-    first = fn.allocate(x0)
-    template = fn.allocate(x0, extra_capacity=max(0, capacity - first.idx.shape[1]))
-    pc = config.priors
-    weights = {k: float(pc.weights[k]) for k in priors.TERMS}
-    return Model(net, priors.topology(n_max), fn, template, weights, bool(pc.excluded_volume), box)
-
-
-def graph_energy(model: Model, nn_params, prior_params, positions, species, mask, edges=None, topo=None, strain=None):
-    """Total energy and per-term parts of one frame given its neighbour graph `edges` =
-    (centres, neighbours, valid) (None: priors only) and prior topology (default the model's).
-    `strain` [3, 3] deforms every displacement (for the virial; see `frame_forces_virial`)."""
-    disp = model.displacement(strain)
-    topo = model.topo if topo is None else topo
-    terms = priors.term_energies(prior_params, positions, mask, topo, model.weights, model.excluded, disp)
-    if edges is not None:
-        c, n, v = edges
-        v = v & mask[c] & mask[n]
-        e_bead = model.net.apply({"params": nn_params}, positions, species, c, n, v, displacement=disp)
-        terms["allegro"] = jnp.sum(e_bead * mask)
-    return sum(terms.values()), terms
-
-
-def _inner(mc) -> float:
-    v = float(mc.get("inner_cutoff", 0.0))
-    if v < 0:
-        raise ValueError("model.inner_cutoff < 0 (auto) must be resolved from the data first (train_and_evaluate)")
-    return v
-
-
-def resolve_model_config(config, workdir, splits) -> tuple:
-    """(config with model.inner_cutoff resolved, neighbour capacity), both from every frame of
-    the dataset and saved in <workdir>/model.json, which export.load_trained reads back."""
-    mc = config.model
-    all_pos = np.concatenate([splits[s]["positions"] for s in data.SPLITS])
-    all_mask = np.concatenate([splits[s]["mask"] for s in data.SPLITS])
-    pairs, shortest = pair_stats(all_pos, all_mask, mc.cutoff)
-    capacity = int(pairs * mc.capacity_multiplier) + 8
-    inner = float(mc.get("inner_cutoff", 0.0))
-    if inner < 0:  # the switch reaches 0 at the shortest distance of the data (see allegro.inner_switch)
-        inner = round(shortest + float(mc.get("inner_width", 1.0)), 3)
-    config = copy.deepcopy(config)
-    with config.unlocked():
-        config.model.inner_cutoff = inner
-    loop.write_json(workdir, "model.json", {"inner_cutoff": inner, "shortest_pair_distance": shortest,
-                                            "capacity": capacity, "n_max": int(all_pos.shape[1])})  # fmt: skip
-    return config, capacity
-
-
-def frame_energy(model: Model, nn_params, prior_params, positions, species, mask, use_net=True, strain=None):
-    """Total energy of one frame, its per-term parts, and the neighbour-list overflow flag."""
-    edges, overflow = None, jnp.zeros((), bool)
-    if use_net:
-        nbrs = model.nbr_fn.update(model.wrap(positions), model.nbr_template)
-        edges = neighbors.edges(nbrs.idx, positions.shape[0])
-        overflow = nbrs.did_buffer_overflow
-    total, terms = graph_energy(model, nn_params, prior_params, positions, species, mask, edges, strain=strain)
-    return total, terms, overflow
-
-
-def frame_forces(model, nn_params, prior_params, positions, species, mask, use_net=True):
-    def e(x):
-        total, _, overflow = frame_energy(model, nn_params, prior_params, x, species, mask, use_net)
-        return total, overflow
-
-    (energy, overflow), grad = jax.value_and_grad(e, has_aux=True)(positions)
-    return energy, -grad, overflow
-
-
-def frame_forces_virial(model, nn_params, prior_params, positions, species, mask, use_net=True):
-    """(energy, forces [N, 3], virial [3, 3], overflow). The virial is W = -dE/d(strain) at zero
-    strain, in kcal/mol (LAMMPS' sum over pairs of r_ij F_ij; in free space it equals
-    sum_i x_i F_i^T); pressure = (N k T + tr W / 3) / V."""
-
-    def e(x, strain):
-        total, _, overflow = frame_energy(model, nn_params, prior_params, x, species, mask, use_net, strain)
-        return total, overflow
-
-    (energy, overflow), (gx, gs) = jax.value_and_grad(e, argnums=(0, 1), has_aux=True)(
-        positions, jnp.zeros((3, 3), positions.dtype)
-    )
-    return energy, -gx, -gs, overflow
 
 
 def force_loss(model, prior_params, gamma_f: float, extra_weight: float = 1.0):
@@ -301,12 +123,6 @@ def ensemble_loss(loss_fn, members: int):
     return fn
 
 
-def init_net(model: Model, seed: int, example):
-    c, n, v = neighbors.edges(model.nbr_template.idx, example["positions"].shape[0])
-    x = jnp.asarray(example["positions"])
-    return model.net.init(jax.random.key(seed), x, jnp.asarray(example["species"]), c, n, v)["params"]
-
-
 # ----------------------------------------------------------------------------- priors
 
 
@@ -329,7 +145,7 @@ def fit_priors(config, workdir, train) -> dict:
     if not sel.any():
         raise ValueError(f"priors.temperature={t} K: no training frames at that temperature ({sorted(set(temps))})")
     params, curves, samples = priors.fit(train["positions"][sel], train["mask"][sel], t, pc.n_angle, pc.n_dihedral,
-                                         pc.bins, pc.tail_quantile, pc.ridge, pc.get("wall_power", 4.0))  # fmt: skip
+                                         pc.bins, pc.tail_quantile, pc.ridge, pc.wall_power)  # fmt: skip
     if jax.process_index() == 0:
         priors.save(params, str(path))
         priors.plot(params, curves, samples, t, str(pathlib.Path(workdir) / "priors.png"))
@@ -374,7 +190,7 @@ def lbfgs_priors(config, workdir, model: Model, params, train) -> dict:
     x, s, m, f_ref = (jnp.asarray(train[k][idx]) for k in ("positions", "species", "mask", "forces"))
     mm = m[..., None].astype(jnp.float32)
     p_all = priors.as_jax(params)
-    terms = tuple(lc.get("terms", priors.TERMS))
+    terms = tuple(lc.terms)
     z0 = _to_free({t: v for t, v in p_all.items() if t in terms})
 
     def loss(z):
@@ -407,136 +223,6 @@ def lbfgs_priors(config, workdir, model: Model, params, train) -> dict:
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-
-def predict(model, nn_params, prior_params, split, batch=16, use_net=True):
-    """Forces [F, N, 3] and per-term forces of every frame (host loop over batches)."""
-
-    @jax.jit
-    def f(x, s, m):
-        def per_frame(a, b, c):
-            def terms(y):
-                return frame_energy(model, nn_params, prior_params, y, b, c, use_net)[1]
-
-            jac = jax.jacrev(terms)(a)
-            return {k: -v for k, v in jac.items()}
-
-        return jax.vmap(per_frame)(x, s, m)
-
-    out = []
-    n = len(split["positions"])
-    for i in range(0, n, batch):
-        sl = slice(i, min(i + batch, n))
-        pad = batch - (sl.stop - sl.start)
-        args = [
-            np.concatenate([split[k][sl], np.repeat(split[k][sl][-1:], pad, 0)])
-            for k in ("positions", "species", "mask")
-        ]
-        res = jax.device_get(f(*[jnp.asarray(a) for a in args]))
-        out.append({k: v[: sl.stop - sl.start] for k, v in res.items()})
-    terms = {k: np.concatenate([o[k] for o in out]) for k in out[0]}
-    return sum(terms.values()), terms
-
-
-def error_stats(pred, ref, mask) -> dict:
-    e = (pred - ref)[mask]  # [beads, 3]
-    out = {"mse": float(np.mean(e**2)), "rmse": float(np.sqrt(np.mean(e**2))), "mae": float(np.mean(np.abs(e))),
-           "max": float(np.max(np.abs(e)))}  # fmt: skip
-    for k, axis in enumerate("xyz"):
-        out[f"rmse_{axis}"] = float(np.sqrt(np.mean(e[:, k] ** 2)))
-        out[f"mae_{axis}"] = float(np.mean(np.abs(e[:, k])))
-        out[f"max_{axis}"] = float(np.max(np.abs(e[:, k])))
-    return out
-
-
-def paired_gain(pred, prior_pred, ref, mask) -> dict:
-    """Per-frame force MSE of the priors minus that of the model: mean, standard error over
-    frames, and z = mean / se. The two predictions share every frame's noise, so the paired
-    difference is far tighter than either MSE's own spread; z > 3 is "clearly below"."""
-    m = mask[..., None]
-    per = lambda p: (((p - ref) ** 2) * m).sum((1, 2)) / (3 * mask.sum(1))  # noqa: E731
-    d = per(prior_pred) - per(pred)
-    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-    return {"mean": float(d.mean()), "se": se, "z": float(d.mean() / se) if se > 0 else float("nan"),
-            "frames_better": float((d > 0).mean())}  # fmt: skip
-
-
-def evaluate(config, workdir, model, nn_params, prior_params, split, name="test") -> dict:
-    ref, mask = split["forces"], split["mask"]
-    total, terms = predict(model, nn_params, prior_params, split)
-    prior_total = sum(v for k, v in terms.items() if k != "allegro")
-    result = {
-        "frames": int(len(ref)),
-        "model": error_stats(total, ref, mask),
-        "priors_only": error_stats(prior_total, ref, mask),
-        "reference_mean_force_norm": float(np.linalg.norm(ref[mask], axis=-1).mean()),
-        "reference_force_mse_about_zero": float(np.mean(ref[mask] ** 2)),
-        "terms_rms_force": {k: float(np.sqrt(np.mean(v[mask] ** 2))) for k, v in terms.items()},
-    }
-    result["mse_ratio_model_over_priors"] = result["model"]["mse"] / result["priors_only"]["mse"]
-    result["paired_mse_gain"] = paired_gain(total, prior_total, ref, mask)
-    if jax.process_index() == 0:
-        _plots(workdir, name, total, prior_total, ref, mask)
-    return result
-
-
-def _plots(workdir, name, pred, prior_pred, ref, mask):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    p, q, r = pred[mask], prior_pred[mask], ref[mask]
-    fig, axes = plt.subplots(1, 5, figsize=(22, 4))
-    lim = float(np.abs(r).max()) * 1.05
-    for k, axis in enumerate("xyz"):
-        ax = axes[k]
-        ax.plot(r[:, k], q[:, k], ".", ms=2, alpha=0.3, color="0.6", label="priors")
-        ax.plot(r[:, k], p[:, k], ".", ms=2, alpha=0.4, label="priors + Allegro")
-        ax.plot([-lim, lim], [-lim, lim], "k-", lw=0.8)
-        ax.set(
-            title=f"F_{axis}", xlabel="reference (kcal/mol/Å)", ylabel="predicted", xlim=(-lim, lim), ylim=(-lim, lim)
-        )
-        ax.legend(fontsize=7, markerscale=4)
-    ax = axes[3]
-    ax.plot(np.linalg.norm(r, axis=-1), np.linalg.norm(p, axis=-1), ".", ms=2, alpha=0.4)
-    m = float(np.linalg.norm(r, axis=-1).max())
-    ax.plot([0, m], [0, m], "k-", lw=0.8)
-    ax.set(title="|F|", xlabel="reference", ylabel="predicted")
-    ax = axes[4]
-    ax.hist((p - r).reshape(-1), bins=100, alpha=0.6, label="priors + Allegro")
-    ax.hist((q - r).reshape(-1), bins=100, alpha=0.4, label="priors")
-    ax.set(title="force error per component", xlabel="kcal/mol/Å")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(pathlib.Path(workdir) / f"forces_{name}.png", dpi=100)
-    plt.close(fig)
-
-
-def plot_loss(workdir, stage_dirs):
-    """Training and validation force MSE over all stages, with the stage boundaries."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    offset = 0
-    for name, d in stage_dirs:
-        rows = mlog.read_metrics(d)
-        tr = [(r["step"] + offset, r["train/force_mse"]) for r in rows if "train/force_mse" in r]
-        ev = [(r["step"] + offset, r["eval/force_mse"]) for r in rows if "eval/force_mse" in r]
-        if tr:
-            ax.plot(*zip(*tr, strict=True), lw=0.8, label=f"{name} train")
-        if ev:
-            ax.plot(*zip(*ev, strict=True), "o-", ms=3, label=f"{name} validation")
-        offset += max([r["step"] for r in rows], default=0)
-        ax.axvline(offset, color="k", lw=0.5, ls="--")
-    ax.set(xlabel="step", ylabel="force MSE (kcal/mol/Å)²", yscale="log")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(pathlib.Path(workdir) / "loss.png", dpi=100)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -574,7 +260,7 @@ def train_and_evaluate(config, workdir: str):
     tc = config.train
     spe = max(1, len(splits["train"]["positions"]) // tc.batch_size)
     val = splits["validation"]
-    loss_fn = force_loss(model, prior_j, config.loss.gamma_f, config.loss.get("extra_weight", 1.0))
+    loss_fn = force_loss(model, prior_j, config.loss.gamma_f, config.loss.extra_weight)
 
     eval_steps = {}
 
@@ -621,7 +307,7 @@ def train_and_evaluate(config, workdir: str):
 
     example = {"positions": splits["train"]["positions"][0], "species": splits["train"]["species"][0]}
     n_seeds = config.ensemble.seeds
-    if config.ensemble.get("vmap", False) and n_seeds > 1:
+    if config.ensemble.vmap and n_seeds > 1:
         # one run whose parameters carry a leading member axis; members differ by their init seed
         stacked = jax.tree.map(lambda *p: np.stack(p), *[init_net(model, tc.seed + k, example) for k in range(n_seeds)])
         stacked, stage_dirs = train_stages(os.path.join(workdir, "ensemble"), stacked, tc.seed, n_seeds)
