@@ -101,6 +101,8 @@ def test_binding_site_tiny_cli_and_embeddings(reference, data_dir, small_sources
         assert "pretrained_minus_random" in ev and "pretrained_minus_logistic" in ev
         assert ev["residues"] > 100 and 0 < ev["positives"] < ev["residues"]
         assert ev["pretrained"]["auroc"] != ev["random"]["auroc"]  # two different encoders
+        joint = ("pretrained+type_rsa_minus_logistic" in ev) and ("random+type_rsa" in ev)
+        assert joint == (mode == "frozen")  # the probe with type and RSA added: frozen features only
         finetuned = (wd / "pretrained" / "checkpoints").is_dir() and (wd / "random" / "metrics.jsonl").exists()
         assert finetuned == (mode == "finetune")
     out = tmp_path / "emb" / "interfaces"

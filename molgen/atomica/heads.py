@@ -17,6 +17,8 @@ Three models, one split, one run:
 2. `random`: the same model and head from a random encoder;
 3. `logistic`: logistic regression on residue type (one-hot) plus relative solvent
    accessibility (Shrake-Rupley, Biopython), scikit-learn.
+In frozen mode also `pretrained+type_rsa` and `random+type_rsa`: the probe on the encoder
+features together with type and RSA (what an encoder adds to the classical features).
 Held-out metrics: per-residue AUROC and AUPRC pooled over the test proteins, with 95% intervals
 from a bootstrap over proteins, and the paired bootstrap interval of each AUROC difference.
 """
@@ -203,9 +205,10 @@ def _auc(y, p):
     return float(roc_auc_score(y, p)), float(average_precision_score(y, p))
 
 
-def site_metrics(labels: list, scores: dict, n_boot: int = 1000, seed: int = 0) -> dict:
+def site_metrics(labels: list, scores: dict, n_boot: int = 1000, seed: int = 0, pairs=None) -> dict:
     """Pooled AUROC and AUPRC of each model's scores, 95% bootstrap intervals over proteins, and
-    paired intervals of AUROC differences against the first model."""
+    paired intervals of the AUROC differences `pairs` ((a, b): a minus b; default: the first
+    model against each other)."""
     names = list(scores)
     rng = np.random.default_rng(seed)
     y_all = np.concatenate(labels)
@@ -226,11 +229,10 @@ def site_metrics(labels: list, scores: dict, n_boot: int = 1000, seed: int = 0) 
         b = np.asarray(boots[nm])
         out[nm]["auroc_ci"] = np.percentile(b[:, 0], [2.5, 97.5]).tolist()
         out[nm]["auprc_ci"] = np.percentile(b[:, 1], [2.5, 97.5]).tolist()
-    ref = names[0]
-    for nm in names[1:]:
-        d = np.asarray(boots[ref])[:, 0] - np.asarray(boots[nm])[:, 0]
-        out[f"{ref}_minus_{nm}"] = {"auroc": out[ref]["auroc"] - out[nm]["auroc"],
-                                    "ci": np.percentile(d, [2.5, 97.5]).tolist()}  # fmt: skip
+    for a, nm in pairs or [(names[0], nm) for nm in names[1:]]:
+        d = np.asarray(boots[a])[:, 0] - np.asarray(boots[nm])[:, 0]
+        out[f"{a}_minus_{nm}"] = {"auroc": out[a]["auroc"] - out[nm]["auroc"],
+                                  "ci": np.percentile(d, [2.5, 97.5]).tolist()}  # fmt: skip
     out["residues"], out["positives"], out["proteins"] = int(len(y_all)), int(y_all.sum()), n
     return out
 
@@ -316,10 +318,14 @@ def train_and_evaluate(config, workdir: str):
     if sc.mode == "frozen":
         enc_model = am.Encoder(**config.model.to_dict())
         labels_tr = [np.asarray(r["label"]) for r in train]
+        c_tr, c_te = [residue_features(r) for r in train], [residue_features(r) for r in recs["test"]]
         for name, ep in (("pretrained", enc), ("random", params0["encoder"])):
             f_tr = encoder_features(enc_model, ep, train, int(sc.patch), sc.eval_batch)
             f_te = encoder_features(enc_model, ep, recs["test"], int(sc.patch), sc.eval_batch)
             scores[name] = frozen_probe(f_tr, labels_tr, f_te, sc.C)
+            # the same probe with the classical features added: what the encoder adds to them
+            join = lambda f, c: [np.concatenate([a, b], 1) for a, b in zip(f, c, strict=True)]  # noqa: E731
+            scores[f"{name}+type_rsa"] = frozen_probe(join(f_tr, c_tr), labels_tr, join(f_te, c_te), sc.C)
             log.info("binding sites: %s encoder features of %d + %d proteins done", name, len(train), len(recs["test"]))
         results["train_proteins"] = len(train)
     elif sc.mode == "finetune":
@@ -333,7 +339,10 @@ def train_and_evaluate(config, workdir: str):
     results["mode"] = sc.mode
     scores["logistic"] = logistic_baseline(train, recs["test"])  # the probes' training proteins
     labels = [np.asarray(r["label"]) for r in recs["test"]]
-    results["test"] = site_metrics(labels, scores, config.site.bootstrap, config.train.seed)
+    pairs = [("pretrained", "random"), ("pretrained", "logistic")]
+    if "pretrained+type_rsa" in scores:
+        pairs += [("pretrained+type_rsa", "logistic"), ("pretrained+type_rsa", "random+type_rsa")]
+    results["test"] = site_metrics(labels, scores, config.site.bootstrap, config.train.seed, pairs)
     results["pretrain_workdir"] = pre
     results["data"] = {k: rep[k] for k in ("proteins", "residues", "positives")}
     loop.write_json(workdir, "evaluation.json", results)
