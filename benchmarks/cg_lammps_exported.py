@@ -48,6 +48,7 @@ def main():
     ap.add_argument("--thermo", type=int, default=50)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    a.artifact = str(pathlib.Path(a.artifact).resolve())
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

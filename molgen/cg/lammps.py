@@ -3,8 +3,8 @@
 LAMMPS integrates (NVE, or NVE + Langevin for NVT) in `real` units; every force evaluation
 calls back into Python, which
 - puts the local atoms in tag order (LAMMPS reorders atoms; tags never change),
-- builds the directed neighbour pairs within the cutoff (scipy cKDTree), padded to a bucket so
-  the export compiles once per bucket,
+- builds the directed neighbour pairs within the cutoff (scipy cKDTree), padded to a length
+  that only grows (bucket multiples with 10% headroom), so the export compiles a few times,
 - calls the deserialized `jax.export` artifact (`export.load`: jax only), and
 - hands back forces in LAMMPS' local order, the energy (`fix_modify energy yes`, so it is part of
   `pe` in the thermo output) and the virial (`fix_modify virial yes`).
@@ -141,15 +141,17 @@ class Stats:
     error: BaseException | None = None
 
 
-def neighbour_pairs(positions_Nx3, cutoff: float, box: float = 0.0, bucket: int = BUCKET):
-    """Directed pairs (senders, receivers) within the cutoff, padded with n to a bucket multiple."""
+def neighbour_pairs(positions_Nx3, cutoff: float, box: float = 0.0, bucket: int = BUCKET, size: int = 0):
+    """Directed pairs (senders, receivers) within the cutoff, padded with n to `size`, or when
+    they need more, to 1.1x their count rounded up to a bucket multiple (pass the last length
+    back as `size`: the length only grows, so an exported model compiles a few times per run)."""
     from scipy.spatial import cKDTree
 
     n = len(positions_Nx3)
     x = np.mod(positions_Nx3, box) if box else positions_Nx3
     pairs = cKDTree(x, boxsize=box or None).query_pairs(cutoff, output_type="ndarray")
     e = 2 * len(pairs)
-    cap = max(bucket, -(-e // bucket) * bucket)
+    cap = size if e <= size else max(bucket, -(-int(1.1 * e) // bucket) * bucket)
     snd = np.full(cap, n, np.int32)
     rcv = np.full(cap, n, np.int32)
     snd[: len(pairs)], snd[len(pairs) : e] = pairs[:, 0], pairs[:, 1]
@@ -168,10 +170,12 @@ class ForceField:
         self.species = np.asarray(species_tag_order, np.int32)
         self.topo = export.topology_arrays(chains)
         self.cutoff, self.box = self.meta["cutoff"], self.meta.get("box", 0.0)
+        self.size = 0  # padded pair-array length so far (it only grows)
 
     def __call__(self, positions_Nx3):
         """(energy, forces [N, 3], virial [3, 3]) as float64 numpy, beads in tag order."""
-        snd, rcv = neighbour_pairs(positions_Nx3, self.cutoff, self.box)
+        snd, rcv = neighbour_pairs(positions_Nx3, self.cutoff, self.box, size=self.size)
+        self.size = len(snd)
         e, f, w = self.call(np.asarray(positions_Nx3, np.float32), self.species, snd, rcv, self.topo)
         return float(e), np.asarray(f, np.float64), np.asarray(w, np.float64)
 

@@ -32,6 +32,7 @@ from absl import flags
 from jax_md import partition, simulate, space
 
 from molgen.cg import export, lammps, neighbors, priors
+from molgen.cg.energy import graph_energy
 from molgen.cg.priors import KB
 from molgen.core import cli
 
@@ -68,7 +69,7 @@ def energy_factory(model, nn_params, prior_params, sys: System, skin: float = 0.
 
     def energy(x, neighbor):
         edges = neighbors.edges(neighbor.idx, x.shape[0])
-        return energy.graph_energy(model, nn_params, pp, x, species, mask, edges, topo)[0]
+        return graph_energy(model, nn_params, pp, x, species, mask, edges, topo)[0]
 
     return energy, fn
 
