@@ -28,3 +28,13 @@ def run(workdir, source, data_dir, *extra):
     if res.returncode:
         raise AssertionError(res.stderr[-4000:])
     return res
+
+
+def data_config(source, **overrides):
+    """experiments/cg_tiny.py's data group (every key the builder reads) on `source`."""
+    import experiments.cg_tiny as tiny
+
+    cfg = tiny.get_config().data
+    cfg.source = str(source)
+    cfg.update(overrides)
+    return cfg

@@ -4,6 +4,7 @@ mapped with the source's force map, left out of the priors)."""
 
 import json
 
+import cg_run
 import h5py
 import ml_collections
 import numpy as np
@@ -13,9 +14,7 @@ from molgen.cg import active, data, mdcath, train
 
 
 def _cfg(source, **kw):
-    return ml_collections.ConfigDict(dict(source=str(source), n_max=0, split="frame", test_domains=(),
-                                          val_fraction=0.2, test_fraction=0.2, on_nan="error", seed=0,
-                                          force_map="optimized", force_map_window=1, **kw))  # fmt: skip
+    return cg_run.data_config(source, **kw)
 
 
 def test_round_writes_fixed_ca_frames_that_join_train_only(cg_trained, cg_source, tmp_path):

@@ -4,8 +4,8 @@ import json
 import pathlib
 import shutil
 
+import cg_run
 import h5py
-import ml_collections
 import numpy as np
 import pytest
 
@@ -14,10 +14,7 @@ from molgen.core.records import as_str
 
 
 def _cfg(source, **kw):
-    base = dict(source=str(source), n_max=0, split="frame", test_domains=(), val_fraction=0.2, test_fraction=0.2,
-                on_nan="error", seed=0)  # fmt: skip
-    base.update(kw)
-    return ml_collections.ConfigDict(base)
+    return cg_run.data_config(source, **{"force_map": "sum", **kw})  # residue sums: no map to fit
 
 
 def _second_domain(src, dst, n_res=20):

@@ -4,6 +4,7 @@ solution against an independent solve, and the builder's optimised-map datasets.
 import json
 import pathlib
 
+import cg_run
 import h5py
 import ml_collections
 import numpy as np
@@ -63,9 +64,7 @@ def test_optimised_map_is_valid_and_solves_the_least_squares_problem(villin_h5):
 
 
 def test_builder_maps_every_frame_with_the_map_fitted_on_train_frames(cg_source, tmp_path):
-    cfg = ml_collections.ConfigDict(dict(source=str(cg_source), n_max=0, split="frame", test_domains=(),
-                                         val_fraction=0.2, test_fraction=0.2, on_nan="error", seed=0,
-                                         force_map="optimized", force_map_window=1))  # fmt: skip
+    cfg = cg_run.data_config(cg_source, force_map="optimized")
     b = data.build(cfg, str(tmp_path / "tfds"))
     rep = data.report(b)
     fm = rep["force_map"]["domains"]["villin"]
