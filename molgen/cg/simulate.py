@@ -130,9 +130,15 @@ def produce(
     chunk: int = 20,
     threads: int | None = None,
     platform_name: str = "CPU",
+    unfolded_from: int = 0,
 ) -> str:
     """Simulate every (temperature, replica) not yet in `out`; return `out`. `platform_name`:
-    see `platform` (the CPU default keeps runs reproducible across machines)."""
+    see `platform` (the CPU default keeps runs reproducible across machines).
+
+    Starting structures: the minimised input structure, except with `unfolded_from` = T_hot
+    (one of `temperatures`, listed before the others): at every other temperature the odd
+    replicas r start from the last frame of replica (r // 2) mod R of the T_hot run (R =
+    `replicas`), so a landscape is sampled from both the folded and unfolded sides."""
     import openmm
     import openmm.app as app
     import openmm.unit as u
@@ -157,6 +163,9 @@ def produce(
     progress_dir = out + ".progress"
     os.makedirs(progress_dir, exist_ok=True)
     done = _done_runs(out, domain)
+    temperatures = [int(t) for t in temperatures]
+    if unfolded_from and (not temperatures or temperatures[0] != unfolded_from):
+        raise ValueError(f"unfolded_from={unfolded_from} K must be the first of temperatures {list(temperatures)}")
     for temp in temperatures:
         for rep in range(replicas):
             if (int(temp), rep) in done:
@@ -171,7 +180,14 @@ def produce(
                 log.info("%s %d K replica %d: resuming at frame %d", domain, temp, rep, len(coords))
             else:
                 coords, forces = [], []
-                ctx.setPositions(start)
+                if unfolded_from and temp != unfolded_from and rep % 2:
+                    hot = (rep // 2) % replicas
+                    run = next(mdcath.read_runs(out, temperatures=(unfolded_from,), replicas=(hot,)))
+                    ctx.setPositions(run.coords[-1] * u.angstrom)
+                    log.info("%s %d K replica %d starts from the end of %d K replica %d", domain, temp, rep,
+                             unfolded_from, hot)  # fmt: skip
+                else:
+                    ctx.setPositions(start)
                 ctx.setVelocitiesToTemperature(float(temp) * u.kelvin, run_seed)
                 integrator.step(equilibration_steps)
             t0 = time.time()
@@ -378,6 +394,8 @@ def _flags(fv):
     flags.DEFINE_integer("seed", 0, "random seed", flag_values=fv)
     flags.DEFINE_enum("platform", "CPU", PLATFORMS, "OpenMM platform (auto: CUDA, OpenCL, CPU)", flag_values=fv)
     flags.DEFINE_integer("threads", 0, "CPU platform threads (0: every core)", flag_values=fv)
+    flags.DEFINE_integer("unfolded_from", 0, "hot temperature (K, listed first) whose last frames start the odd "
+                         "replicas of the other temperatures; 0: all start folded", flag_values=fv)  # fmt: skip
     return fv
 
 
@@ -385,7 +403,8 @@ def _cli(a, argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)  # absl set one up
     temps = [int(t) for t in a.temperatures]
     produce(a.out, a.pdb, a.domain, temps, a.replicas, a.frames, a.steps_per_frame, a.equilibration_steps,
-            seed=a.seed, threads=a.threads or None, platform_name=a.platform)  # fmt: skip
+            seed=a.seed, threads=a.threads or None, platform_name=a.platform,
+            unfolded_from=a.unfolded_from)  # fmt: skip
 
 
 def main(argv=None):
