@@ -127,16 +127,17 @@ def test_producer_resumes_after_sigkill(tmp_path):
 
 def test_producer_starts_odd_replicas_from_the_hot_run_and_checks_platforms(tmp_path):
     """Chignolin (5AWL) at 450 K then 340 K with unfolded_from=450: replica 1 at 340 K starts
-    from the last 450 K frame (one step away), replica 0 from the folded structure."""
+    from the last 450 K frame (10 steps away), replica 0 from the folded structure."""
     from molgen.cg import simulate
 
     pdb = os.path.join(ROOT, "third_party", "data", "proteins", "5awl_cln025.pdb")
     out = str(tmp_path / "mdcath_dataset_cln025.h5")
     with pytest.raises(ValueError, match="unfolded_from=450 K must be the first"):
         simulate.produce(out, pdb, "cln025", (340, 450), 2, 2, 1, 0, unfolded_from=450)
-    simulate.produce(out, pdb, "cln025", (450, 340), 2, 3, 10, 0, unfolded_from=450, threads=1)
+    simulate.produce(out, pdb, "cln025", (450, 340), 2, 3, 10, 0, unfolded_from=450, unfolded_frames=4, threads=1)
     runs = {(r.temperature, r.replica): r.coords for r in mdcath.read_runs(out)}
-    assert sorted(runs) == [(340, 0), (340, 1), (450, 0), (450, 1)]
+    assert sorted(runs) == [(340, 0), (340, 1), (450, 0)]  # one hot replica per odd replica
+    assert len(runs[(450, 0)]) == 4 and len(runs[(340, 0)]) == 3
     hot_end, warm = runs[(450, 0)][-1], runs[(340, 1)][0]
     rms = lambda a, b: float(np.sqrt(((a - b) ** 2).sum(-1).mean()))  # noqa: E731
     # 10 steps after the hot run's end, and further from where the folded replica is

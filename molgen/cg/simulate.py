@@ -131,14 +131,16 @@ def produce(
     threads: int | None = None,
     platform_name: str = "CPU",
     unfolded_from: int = 0,
+    unfolded_frames: int = 0,
 ) -> str:
     """Simulate every (temperature, replica) not yet in `out`; return `out`. `platform_name`:
     see `platform` (the CPU default keeps runs reproducible across machines).
 
     Starting structures: the minimised input structure, except with `unfolded_from` = T_hot
-    (one of `temperatures`, listed before the others): at every other temperature the odd
-    replicas r start from the last frame of replica (r // 2) mod R of the T_hot run (R =
-    `replicas`), so a landscape is sampled from both the folded and unfolded sides."""
+    (one of `temperatures`, listed before the others): the T_hot run has max(1, replicas // 2)
+    replicas of `unfolded_frames` frames (default `frames`), and at every other temperature the
+    odd replicas r start from the last frame of T_hot replica (r // 2) mod that number, so a
+    landscape is sampled from both the folded and the unfolded side."""
     import openmm
     import openmm.app as app
     import openmm.unit as u
@@ -167,7 +169,10 @@ def produce(
     if unfolded_from and (not temperatures or temperatures[0] != unfolded_from):
         raise ValueError(f"unfolded_from={unfolded_from} K must be the first of temperatures {list(temperatures)}")
     for temp in temperatures:
-        for rep in range(replicas):
+        hot = bool(unfolded_from) and temp == unfolded_from
+        # the hot run has one replica per odd replica of the others, each `unfolded_frames` long
+        n_frames = (unfolded_frames or frames) if hot else frames
+        for rep in range(max(1, replicas // 2) if hot else replicas):
             if (int(temp), rep) in done:
                 continue
             run_seed = zlib.crc32(f"{seed}/{domain}/{temp}/{rep}".encode()) & 0x7FFFFFFF
@@ -180,19 +185,19 @@ def produce(
                 log.info("%s %d K replica %d: resuming at frame %d", domain, temp, rep, len(coords))
             else:
                 coords, forces = [], []
-                if unfolded_from and temp != unfolded_from and rep % 2:
-                    hot = (rep // 2) % replicas
-                    run = next(mdcath.read_runs(out, temperatures=(unfolded_from,), replicas=(hot,)))
+                if unfolded_from and not hot and rep % 2:
+                    src = (rep // 2) % max(1, replicas // 2)
+                    run = next(mdcath.read_runs(out, temperatures=(unfolded_from,), replicas=(src,)))
                     ctx.setPositions(run.coords[-1] * u.angstrom)
                     log.info("%s %d K replica %d starts from the end of %d K replica %d", domain, temp, rep,
-                             unfolded_from, hot)  # fmt: skip
+                             unfolded_from, src)  # fmt: skip
                 else:
                     ctx.setPositions(start)
                 ctx.setVelocitiesToTemperature(float(temp) * u.kelvin, run_seed)
                 integrator.step(equilibration_steps)
             t0 = time.time()
-            while len(coords) < frames:
-                for _ in range(min(chunk, frames - len(coords))):
+            while len(coords) < n_frames:
+                for _ in range(min(chunk, n_frames - len(coords))):
                     integrator.step(steps_per_frame)
                     st = ctx.getState(getPositions=True, getForces=True)
                     coords.append(st.getPositions(asNumpy=True).value_in_unit(u.angstrom))
@@ -203,12 +208,12 @@ def produce(
                     getPositions=True, getVelocities=True, getParameters=True, enforcePeriodicBox=False
                 )
                 _save_progress(progress, coords, forces, openmm.XmlSerializer.serialize(state))
-            ps = frames * steps_per_frame * dt_fs / 1000.0
+            ps = n_frames * steps_per_frame * dt_fs / 1000.0
             box = np.eye(3) * 0.0  # no periodic box (implicit solvent); mdCATH stores one in nm
             mdcath.write_replica(out, domain, temp, rep, np.stack(coords), np.stack(forces), box)
             os.remove(progress)
             log.info(
-                "%s %d K replica %d: %d frames (%.1f ps) in %.0f s", domain, temp, rep, frames, ps, time.time() - t0
+                "%s %d K replica %d: %d frames (%.1f ps) in %.0f s", domain, temp, rep, n_frames, ps, time.time() - t0
             )
     return out
 
@@ -396,6 +401,7 @@ def _flags(fv):
     flags.DEFINE_integer("threads", 0, "CPU platform threads (0: every core)", flag_values=fv)
     flags.DEFINE_integer("unfolded_from", 0, "hot temperature (K, listed first) whose last frames start the odd "
                          "replicas of the other temperatures; 0: all start folded", flag_values=fv)  # fmt: skip
+    flags.DEFINE_integer("unfolded_frames", 0, "frames per hot replica (0: --frames)", flag_values=fv)
     return fv
 
 
@@ -404,7 +410,7 @@ def _cli(a, argv):
     temps = [int(t) for t in a.temperatures]
     produce(a.out, a.pdb, a.domain, temps, a.replicas, a.frames, a.steps_per_frame, a.equilibration_steps,
             seed=a.seed, threads=a.threads or None, platform_name=a.platform,
-            unfolded_from=a.unfolded_from)  # fmt: skip
+            unfolded_from=a.unfolded_from, unfolded_frames=a.unfolded_frames)  # fmt: skip
 
 
 def main(argv=None):
