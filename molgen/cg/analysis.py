@@ -8,7 +8,15 @@ Definitions (CA beads, Å):
   is below 8 Å; Q = mean over them of 1 / (1 + exp(beta (r - lambda r0))), beta = 5 / Å,
   lambda = 1.2 (Best, Hummer and Eaton 2013, with lambda set for CA distances);
 - F(RMSD, Q) = -kT ln p on a shared grid; the overlap score is sum over bins of min(p, q) for
-  the two normalised histograms: 1 for identical distributions, 0 for disjoint ones.
+  the two normalised histograms: 1 for identical distributions, 0 for disjoint ones;
+- end-to-end distance: first to last CA of the chain;
+- transitions (`transitions`): core to core with hysteresis: a frame below `folded_below` is in
+  the folded core, one above `unfolded_above` in the unfolded core, frames between keep the last
+  core visited; a folding event is unfolded core -> folded core, unfolding the reverse;
+- error bars of a time average (`block_average`): the standard error of the means of
+  contiguous blocks;
+- TICA (`tica`): the generalised eigenvectors of the symmetrised time-lagged covariance against
+  the instantaneous one, fitted on the reference trajectories; implied timescale -lag / ln(eigenvalue).
 """
 
 from __future__ import annotations
@@ -121,3 +129,65 @@ def _plot(pm, pr, edges, mo, ro, temperature, scores, path, labels):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def end_to_end(traj_FxNx3) -> np.ndarray:
+    return np.linalg.norm(traj_FxNx3[:, -1] - traj_FxNx3[:, 0], axis=-1)
+
+
+def block_average(x, n_blocks: int = 10) -> tuple[float, float]:
+    """(mean, standard error) of a time series from the means of `n_blocks` contiguous blocks
+    (the frames beyond a whole number of blocks at the end are dropped)."""
+    x = np.asarray(x, np.float64)
+    size = len(x) // n_blocks
+    if n_blocks < 2 or size < 1:
+        raise ValueError(f"block_average: {len(x)} frames cannot make {n_blocks} blocks")
+    means = x[: size * n_blocks].reshape(n_blocks, size).mean(1)
+    return float(means.mean()), float(means.std(ddof=1) / np.sqrt(n_blocks))
+
+
+def transitions(rmsd, folded_below: float, unfolded_above: float) -> dict:
+    """Core-to-core folding and unfolding events of one trajectory (see the module docstring)."""
+    if not folded_below < unfolded_above:
+        raise ValueError(f"transitions: folded_below {folded_below} must be below unfolded_above {unfolded_above}")
+    state, folding, unfolding = None, 0, 0
+    for r in np.asarray(rmsd):
+        new = "folded" if r < folded_below else "unfolded" if r > unfolded_above else state
+        if state is not None and new != state:
+            folding += new == "folded"
+            unfolding += new == "unfolded"
+        state = new
+    return {"folding": int(folding), "unfolding": int(unfolding), "last": state}
+
+
+def pair_distances(traj_FxNx3, min_sep: int = 3) -> np.ndarray:
+    """CA pair distances with sequence separation >= min_sep, [F, pairs] (TICA features)."""
+    i, j = np.triu_indices(traj_FxNx3.shape[1], min_sep)
+    return np.linalg.norm(traj_FxNx3[:, i] - traj_FxNx3[:, j], axis=-1)
+
+
+def tica(trajs: list, lag: int, dim: int = 2, ridge: float = 1e-6) -> dict:
+    """TICA of feature trajectories [F_k, D] (one per replica; pairs never cross replicas):
+    mean, projection vectors [D, dim] (unit variance), eigenvalues and implied timescales in
+    frames, slowest first."""
+    from scipy.linalg import eigh
+
+    trajs = [np.asarray(t, np.float64) for t in trajs if len(t) > lag]
+    if not trajs:
+        raise ValueError(f"tica: no trajectory is longer than the lag ({lag} frames)")
+    mean = np.concatenate(trajs).mean(0)
+    a = np.concatenate([t[:-lag] - mean for t in trajs])
+    b = np.concatenate([t[lag:] - mean for t in trajs])
+    c0 = (a.T @ a + b.T @ b) / (2 * len(a))
+    ct = (a.T @ b + b.T @ a) / (2 * len(a))
+    c0 += ridge * np.trace(c0) / len(c0) * np.eye(len(c0))
+    vals, vecs = eigh(ct, c0)
+    order = np.argsort(vals)[::-1][:dim]
+    vals, vecs = vals[order], vecs[:, order]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ts = np.where((vals > 0) & (vals < 1), -lag / np.log(vals), np.inf)
+    return {"mean": mean, "vectors": vecs, "eigenvalues": vals, "timescales": ts, "lag": lag}
+
+
+def tica_project(features_FxD, model: dict) -> np.ndarray:
+    return (np.asarray(features_FxD, np.float64) - model["mean"]) @ model["vectors"]
