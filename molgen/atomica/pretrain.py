@@ -39,6 +39,7 @@ from molgen.atomica import noise
 from molgen.chem import complexes as cx
 from molgen.core import loop, streams
 from molgen.core.distributed import make_mesh
+from molgen.core.records import as_str
 
 log = logging.getLogger("molgen")
 RECORD_KEYS = ("x", "element", "position", "atom_block", "block_type", "block_segment", "bonds")
@@ -180,7 +181,7 @@ def item_key(ex, default: int) -> int:
     parts = [ex[k] for k in ("file", "entry", "segments") if k in ex]
     if not parts:
         return default
-    return zlib.crc32("|".join(p.decode() if isinstance(p, bytes) else str(p) for p in parts).encode())
+    return zlib.crc32("|".join(as_str(p) for p in parts).encode())
 
 
 def make_evaluator(model, freq, batch: int = 8, seed: int = 0):
