@@ -54,9 +54,11 @@ def get_config(variant: str = "quick"):
             test_fraction=0.2,
             on_nan="error",
             seed=0,
-            force_map="optimized",  # molgen.cg.forcemap, fitted on the train frames; "sum": residue sums
+            force_map="optimized",  # molgen.cg.forcemap, fitted on the train frames; "sum": residue sums;
+            # "stored": the bead forces of CA-mapped files (molgen.cg.mapped)
             force_map_window=1,
             extra_train="",  # comma-separated folders of frames for the train split only (molgen.cg.active)
+            temperatures=(),  # K: train and test on runs at these temperatures only (empty: all)
             simulate=dict(
                 enabled=True,
                 domain="villin",

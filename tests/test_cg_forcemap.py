@@ -81,5 +81,5 @@ def test_builder_maps_every_frame_with_the_map_fitted_on_train_frames(cg_source,
     sums = data.build(ml_collections.ConfigDict({**cfg.to_dict(), "force_map": "sum"}), str(tmp_path / "tfds"))
     assert sums.data_dir != b.data_dir and data.force_maps(sums) == {}
     assert json.loads((pathlib.Path(sums.data_dir) / "build_report.json").read_text())["force_map"] == "sum"
-    with pytest.raises(ValueError, match="data.force_map must be 'sum' or 'optimized', got 'best'"):
+    with pytest.raises(ValueError, match="data.force_map must be 'sum', 'optimized' or 'stored', got 'best'"):
         data.build(ml_collections.ConfigDict({**cfg.to_dict(), "force_map": "best"}), str(tmp_path / "tfds"))

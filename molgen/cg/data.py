@@ -54,9 +54,11 @@ class CGConfig(tfds.core.BuilderConfig):
     test_fraction: float = 0.1
     on_nan: str = "error"
     seed: int = 0
-    force_map: str = "sum"  # "sum" (residue sums) or "optimized" (forcemap.fit on the train frames)
+    force_map: str = "sum"  # "sum" (residue sums), "optimized" (forcemap.fit on the train frames) or
+    # "stored" (the bead forces of CA-mapped files, molgen.cg.mapped)
     force_map_window: int = 1  # residues either side whose atoms an optimised bead force may use
     extra_train: tuple = ()  # folders/files of mdCATH-format frames that join the train split only
+    temperatures: tuple = ()  # K: only runs at these temperatures (empty: all)
 
 
 def source_files(source: str) -> list[str]:
@@ -71,6 +73,8 @@ def config_name(c: CGConfig) -> str:
     key = [stamp, c.n_max, c.split, list(c.test_domains), c.val_fraction, c.test_fraction, c.on_nan, c.seed]
     if c.force_map != "sum":
         key += [c.force_map, c.force_map_window]
+    if c.temperatures:
+        key += [[int(t) for t in c.temperatures]]
     if c.extra_train:
         key += [_stamp(f) for src in c.extra_train for f in source_files(src)]
     key = json.dumps(key)
@@ -132,7 +136,9 @@ class MdcathCG(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         c = self.builder_config
-        runs = [r for f in source_files(c.source) for r in mdcath.read_cg(f, on_nan=c.on_nan)]
+        runs = [r for f in source_files(c.source) for r in mdcath.read_cg(f, on_nan=c.on_nan, temperatures=_temps(c))]
+        if not runs:
+            raise ValueError(f"data.source {c.source}: no runs at data.temperatures {list(c.temperatures)}")
         index = [(i, f) for i, r in enumerate(runs) for f in range(len(r.positions))]
         rng = np.random.default_rng(c.seed)
         if c.split == "frame":
@@ -157,13 +163,17 @@ class MdcathCG(tfds.core.GeneratorBasedBuilder):
             raise ValueError(f"data.split must be 'frame' or 'protein', got {c.split!r}")
         if c.force_map == "optimized":
             runs, self.force_maps, fm_report = optimized_runs(c, runs, index, parts)
+        elif c.force_map == "stored":
+            self.force_maps = {d: w for f in source_files(c.source) for d, w in mdcath.stored_force_maps(f).items()}
+            fm_report = {"kind": "stored", "files": {os.path.basename(f): json.loads(mdcath.provenance(f))
+                                                     for f in source_files(c.source)}}  # fmt: skip
         n_source = len(runs)
         if c.extra_train:  # appended to train; the source's validation and test are unchanged
             maps = self.force_maps or None
             extra = [r for src in c.extra_train for f in source_files(src)
                      for r in mdcath.read_cg(f, on_nan=c.on_nan, force_maps=maps)]  # fmt: skip
             unknown = sorted({r.domain for r in extra} - {r.domain for r in runs[:n_source]})
-            if unknown and c.force_map == "optimized":
+            if unknown and c.force_map != "sum":
                 raise ValueError(f"data.extra_train: domains {unknown} are not in data.source, so they have no "
                                  "fitted force map")  # fmt: skip
             new = [(n_source + i, f) for i, r in enumerate(extra) for f in range(len(r.positions))]
@@ -171,7 +181,7 @@ class MdcathCG(tfds.core.GeneratorBasedBuilder):
             runs, index = runs + extra, index + new
         self.n_source = n_source
         self.counts = {
-            "force_map": fm_report if c.force_map == "optimized" else "sum",
+            "force_map": fm_report if c.force_map != "sum" else "sum",
             "domains": sorted({r.domain for r in runs}),
             "frames": {s: int(len(v)) for s, v in parts.items()},
             "extra_train_frames": int(sum(len(r.positions) for r in runs[n_source:])),
@@ -205,7 +215,7 @@ def optimized_runs(c: CGConfig, runs, index, parts):
     fit_on = {d for d, *_ in train}
     per_domain = {}  # domain -> [topology, groups, fitting forces, validation forces]
     for f in source_files(c.source):
-        for run in mdcath.read_runs(f, on_nan=c.on_nan):
+        for run in mdcath.read_runs(f, on_nan=c.on_nan, temperatures=_temps(c)):
             d = run.domain
             if d not in per_domain:
                 groups = forcemap.constraint_groups(mdcath.atom_elements(run.pdb_text), run.coords[0], run.label + ": ")
@@ -229,8 +239,13 @@ def optimized_runs(c: CGConfig, runs, index, parts):
                      mean_square_optimized_validation=forcemap.mean_square(w, val_f))  # fmt: skip
         report["domains"][d] = r
         log.info("force map %s: mean squared bead force %s", d, {k: v for k, v in r.items() if "mean_square" in k})
-    remapped = [t for f in source_files(c.source) for t in mdcath.read_cg(f, on_nan=c.on_nan, force_maps=maps)]
+    remapped = [t for f in source_files(c.source) for t in mdcath.read_cg(f, on_nan=c.on_nan, temperatures=_temps(c),
+                                                                           force_maps=maps)]  # fmt: skip
     return remapped, maps, report
+
+
+def _temps(c: CGConfig):
+    return tuple(int(t) for t in c.temperatures) or None
 
 
 def force_maps(builder) -> dict:
@@ -248,8 +263,13 @@ def force_maps(builder) -> dict:
 def build(cfg, data_dir: str) -> MdcathCG:
     """Build (once) and return the builder for a `data` config group; writes build_report.json
     and species.json next to the dataset."""
-    if cfg.force_map not in ("sum", "optimized"):
-        raise ValueError(f"data.force_map must be 'sum' or 'optimized', got {cfg.force_map!r}")
+    if cfg.force_map not in ("sum", "optimized", "stored"):
+        raise ValueError(f"data.force_map must be 'sum', 'optimized' or 'stored', got {cfg.force_map!r}")
+    for f in source_files(os.path.expanduser(cfg.source)):
+        if mdcath.is_mapped(f) != (cfg.force_map == "stored"):
+            kind = "a CA-mapped file (molgen.cg.mapped)" if mdcath.is_mapped(f) else "an all-atom mdCATH file"
+            want = "stored" if mdcath.is_mapped(f) else "sum or optimized"
+            raise mdcath.MdcathError(f"{f}: {kind}; data.force_map={cfg.force_map!r} needs {want}")
     n_max = cfg.n_max or max(len(r.species) for f in source_files(cfg.source) for r in _topologies(f))
     bc = CGConfig(
         name="",
@@ -264,6 +284,7 @@ def build(cfg, data_dir: str) -> MdcathCG:
         force_map=cfg.force_map,
         force_map_window=cfg.force_map_window,
         extra_train=extra_sources(cfg.extra_train),
+        temperatures=tuple(int(t) for t in cfg.temperatures),
     )
     bc = dataclasses.replace(bc, name=config_name(bc))
 

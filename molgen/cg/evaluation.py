@@ -36,7 +36,12 @@ def noise_floor(config, workdir, split, maps=None) -> dict:
     groups = sorted({(d, int(t)) for d, t in zip(split["domain"], split["temperature"], strict=True)})
     for dom, temp in groups:
         idx = np.flatnonzero((split["domain"] == dom) & (split["temperature"] == temp))
-        pick = rng.choice(idx, size=min(nc.configs_per_temperature, len(idx)), replace=False)
+        kept = mdcath.atom_frames(files[dom], dom, temp)  # a CA-mapped file keeps some frames' atoms
+        usable = idx if kept is None else [i for i in idx if (int(split["replica"][i]), int(split["frame"][i])) in kept]
+        if not len(usable):
+            log.warning("noise floor %s %d K: no test frame has all-atom coordinates; left out", dom, temp)
+            continue
+        pick = rng.choice(usable, size=min(nc.configs_per_temperature, len(usable)), replace=False)
         frames = [(int(split["replica"][i]), int(split["frame"][i])) for i in pick]
         res = simulate.conditional_force_noise(files[dom], dom, temp, frames, nc.samples, nc.steps_per_sample,
                                                nc.equilibration_steps, seed=nc.seed, weights=maps.get(dom))  # fmt: skip

@@ -26,6 +26,7 @@ import shutil
 import numpy as np
 
 LAYOUT = "mdcath-only-protein-v1.0"
+MAPPED_LAYOUT = "molgen-cg-mapped-v1"  # CA positions and bead forces only: molgen.cg.mapped
 AMINO_ACIDS = (
     "ALA ARG ASN ASP CYS GLN GLU GLY HIS ILE LEU LYS MET PHE PRO SER THR TRP TYR VAL".split()
 )  # species index = position in this tuple; saved with every dataset
@@ -141,12 +142,116 @@ def domains(path: str) -> list[str]:
         return [k for k in f.keys()]
 
 
+def is_mapped(path: str) -> bool:
+    """Whether `path` is a CA-mapped file (`MAPPED_LAYOUT`, written by `molgen.cg.mapped`)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return _text(f.attrs.get("layout", b"")) == MAPPED_LAYOUT
+    except OSError as e:
+        raise MdcathError(f"{path}: not a readable HDF5 file ({e})") from e
+
+
+def _finite(label, on_nan, *arrays):
+    """The mask of frames whose arrays are all finite; raises (on_nan="error") naming the first bad frame."""
+    ok = np.all([np.isfinite(a).all(axis=tuple(range(1, a.ndim))) for a in arrays], axis=0)
+    if not ok.all() and on_nan == "error":
+        frames = np.flatnonzero(~ok)
+        raise MdcathError(f"{label}: non-finite coords or forces in {len(frames)} frame(s), first frame "
+                          f"{frames[0]} (set on_nan='skip' to drop such frames)")  # fmt: skip
+    return ok
+
+
+def _groups(f, name, temperatures, replicas):
+    """(domain, temperature, replica, label, domain group, run group) of an open file, in order."""
+    for dom in f.keys():
+        g = f[dom]
+        if "pdbProteinAtoms" not in g:
+            raise MdcathError(f"{name}: domain {dom}: no pdbProteinAtoms text")
+        for temp in sorted((k for k in g.keys() if k.isdigit()), key=int):
+            if temperatures is not None and int(temp) not in temperatures:
+                continue
+            for rep in sorted(g[temp].keys(), key=int):
+                if replicas is None or int(rep) in replicas:
+                    label = f"{name}: domain {dom}, temperature {temp} K, replica {rep}"
+                    yield dom, int(temp), int(rep), label, g, g[temp][rep]
+
+
+def read_mapped(path: str, on_nan: str = "error", temperatures=None, replicas=None):
+    """Yield a CGTrajectory per run of a CA-mapped file, checked as `read_cg` says."""
+    import h5py
+
+    if on_nan not in ("error", "skip"):
+        raise ValueError(f"on_nan must be 'error' or 'skip', got {on_nan!r}")
+    with h5py.File(path, "r") as f:
+        for dom, temp, rep, label, g, run in _groups(f, os.path.basename(path), temperatures, replicas):
+            top = parse_topology(_text(g["pdbProteinAtoms"]), dom, where=label + ": ")
+            for key in ("caCoords", "beadForces"):
+                if key not in run:
+                    raise MdcathError(f"{label}: no {key} dataset")
+            pos, frc = run["caCoords"][()], run["beadForces"][()]
+            if pos.shape[1:] != (len(top.ca_index), 3) or frc.shape != pos.shape:
+                raise MdcathError(f"{label}: caCoords {pos.shape} and beadForces {frc.shape} do not match the "
+                                  f"{len(top.ca_index)} residues of pdbProteinAtoms")  # fmt: skip
+            ok = _finite(label, on_nan, pos, frc)
+            yield CGTrajectory(dom, temp, rep, top.species, pos[ok].astype(np.float32), frc[ok].astype(np.float32),
+                               tuple(np.flatnonzero(~ok).tolist()))  # fmt: skip
+
+
+def stored_force_maps(path: str) -> dict:
+    """{domain: W [R, N]}: the force maps a CA-mapped file's bead forces were made with."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return {d: f[d]["forceMap"][()] for d in f.keys() if "forceMap" in f[d]}
+
+
+def provenance(path: str) -> str:
+    """The provenance JSON text of a CA-mapped file ("{}" for others)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return _text(f.attrs.get("provenance", b"{}"))
+
+
+def atom_frames(path: str, domain: str, temperature: int):
+    """The (replica, frame) pairs whose all-atom coordinates a file holds: None for all of them
+    (an all-atom file), else those a CA-mapped file kept."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        g = f[domain][str(temperature)]
+        if all("coords" in g[r] for r in g):
+            return None
+        return {(int(r), int(i)) for r in g for i in g[r]["atomFrames"][()]}
+
+
+def atom_coords(path: str, domain: str, temperature: int, replica: int, frame: int):
+    """All-atom coordinates [N, 3] of one frame, or None where a CA-mapped file did not keep them."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        run = f[domain][str(temperature)][str(replica)]
+        if "coords" in run:
+            return run["coords"][frame]
+        where = np.flatnonzero(run["atomFrames"][()] == frame) if "atomFrames" in run else []
+        return run["atomCoords"][where[0]] if len(where) else None
+
+
 def read_cg(path: str, on_nan: str = "error", temperatures=None, replicas=None, force_maps=None):
     """Yield a CGTrajectory per (domain, temperature, replica) of an mdCATH file.
 
     on_nan: "error" raises MdcathError naming file, domain, temperature, replica and frame;
     "skip" drops such frames and lists them in `skipped_frames`. force_maps: {domain: W [R, N]}
-    maps the forces of those domains with W instead of the residue sums."""
+    maps the forces of those domains with W instead of the residue sums. A CA-mapped file
+    (`is_mapped`) yields its stored bead forces, and refuses `force_maps`."""
+    if is_mapped(path):
+        if force_maps:
+            raise MdcathError(f"{path}: a CA-mapped file keeps the bead forces of its own force map; "
+                              "it cannot be mapped again (use data.force_map=stored)")  # fmt: skip
+        yield from read_mapped(path, on_nan, temperatures, replicas)
+        return
     for run in read_runs(path, on_nan, temperatures, replicas):
         w = (force_maps or {}).get(run.domain)
         pos, cg_forces = coarse_grain(run.topology, run.coords, run.forces, w)
@@ -176,47 +281,26 @@ def read_runs(path: str, on_nan: str = "error", temperatures=None, replicas=None
     if on_nan not in ("error", "skip"):
         raise ValueError(f"on_nan must be 'error' or 'skip', got {on_nan!r}")
     name = os.path.basename(path)
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise MdcathError(f"{path}: not a readable HDF5 file ({e})") from e
-    with f:
-        for dom in f.keys():
-            g = f[dom]
-            where = f"{name}: "
-            if "pdbProteinAtoms" not in g:
-                raise MdcathError(f"{where}domain {dom}: no pdbProteinAtoms text")
+    if is_mapped(path):
+        raise MdcathError(f"{path}: a CA-mapped file ({MAPPED_LAYOUT}) has no all-atom frames to map; read it "
+                          "with data.force_map=stored")  # fmt: skip
+    with h5py.File(path, "r") as f:
+        for dom, temp, rep, label, g, run in _groups(f, name, temperatures, replicas):
             pdb_text = _text(g["pdbProteinAtoms"])
-            for temp in sorted((k for k in g.keys() if k.isdigit()), key=int):
-                if temperatures is not None and int(temp) not in temperatures:
-                    continue
-                for rep in sorted(g[temp].keys(), key=int):
-                    if replicas is not None and int(rep) not in replicas:
-                        continue
-                    label = f"{where}domain {dom}, temperature {temp} K, replica {rep}"
-                    top = parse_topology(pdb_text, dom, where=label + ": ")
-                    run = g[temp][rep]
-                    for key in ("coords", "forces"):
-                        if key not in run:
-                            raise MdcathError(f"{label}: no {key} dataset")
-                    coords, forces = run["coords"][()], run["forces"][()]
-                    n_atoms = len(top.atom_residue)
-                    if coords.shape[1:] != (n_atoms, 3) or forces.shape != coords.shape:
-                        raise MdcathError(
-                            f"{label}: coords {coords.shape} and forces {forces.shape} do not match the "
-                            f"{n_atoms} atoms of pdbProteinAtoms"
-                        )
-                    bad = ~(np.isfinite(coords).all(axis=(1, 2)) & np.isfinite(forces).all(axis=(1, 2)))
-                    if bad.any():
-                        frames = np.flatnonzero(bad)
-                        if on_nan == "error":
-                            raise MdcathError(
-                                f"{label}: non-finite coords or forces in {len(frames)} frame(s), first frame "
-                                f"{frames[0]} (set on_nan='skip' to drop such frames)"
-                            )
-                        coords, forces = coords[~bad], forces[~bad]
-                    yield AtomRun(dom, int(temp), int(rep), label, top, pdb_text, coords, forces,
-                                  tuple(np.flatnonzero(bad).tolist()))  # fmt: skip
+            top = parse_topology(pdb_text, dom, where=label + ": ")
+            for key in ("coords", "forces"):
+                if key not in run:
+                    raise MdcathError(f"{label}: no {key} dataset")
+            coords, forces = run["coords"][()], run["forces"][()]
+            n_atoms = len(top.atom_residue)
+            if coords.shape[1:] != (n_atoms, 3) or forces.shape != coords.shape:
+                raise MdcathError(
+                    f"{label}: coords {coords.shape} and forces {forces.shape} do not match the "
+                    f"{n_atoms} atoms of pdbProteinAtoms"
+                )
+            ok = _finite(label, on_nan, coords, forces)
+            yield AtomRun(dom, temp, rep, label, top, pdb_text, coords[ok], forces[ok],
+                          tuple(np.flatnonzero(~ok).tolist()))  # fmt: skip
 
 
 def write_domain(path: str, domain: str, pdb_text: str, atoms: dict, extra_text: dict | None = None):

@@ -341,24 +341,24 @@ def conditional_force_noise(path: str, domain: str, temperature: int, frames, sa
     by Langevin MD at `temperature`; the variance of the mapped (residue-summed) force over
     those samples is the noise no CG force field can fit. CA-HA is kept as a flexible bond
     (constraints cannot touch a fixed atom), hence the 1 fs step."""
-    import h5py
-
     text = _stored_pdb(path, domain)
     system, top = fixed_ca_system(text, domain)
     per_config, per_sum, mean_diff, mean_rms = [], [], [], []
-    with h5py.File(path, "r") as f:
-        for k, (rep, frame) in enumerate(frames):
-            coords = f[domain][str(temperature)][str(rep)]["coords"][frame]
-            _, forces = fixed_ca_samples(system, top, coords, temperature, samples, steps_per_sample,
-                                         equilibration_steps, dt_fs, seed + k, threads)  # fmt: skip
-            zeros = np.zeros_like(forces)
-            _, cg = mdcath.coarse_grain(top, zeros, forces)
-            per_sum.append(float(np.mean(np.var(cg, axis=0, ddof=1))))
-            if weights is not None:
-                _, cgw = mdcath.coarse_grain(top, zeros, forces, weights)
-                per_config.append(float(np.mean(np.var(cgw, axis=0, ddof=1))))
-                mean_diff.append(float(np.sqrt(np.mean((cgw.mean(0) - cg.mean(0)) ** 2))))
-                mean_rms.append(float(np.sqrt(np.mean(cg.mean(0) ** 2))))
+    for k, (rep, frame) in enumerate(frames):
+        coords = mdcath.atom_coords(path, domain, temperature, rep, frame)
+        if coords is None:
+            raise mdcath.MdcathError(f"{path}: domain {domain}, {temperature} K, replica {rep}: frame {frame} "
+                                     "has no all-atom coordinates (a CA-mapped file keeps only some)")  # fmt: skip
+        _, forces = fixed_ca_samples(system, top, coords, temperature, samples, steps_per_sample,
+                                     equilibration_steps, dt_fs, seed + k, threads)  # fmt: skip
+        zeros = np.zeros_like(forces)
+        _, cg = mdcath.coarse_grain(top, zeros, forces)
+        per_sum.append(float(np.mean(np.var(cg, axis=0, ddof=1))))
+        if weights is not None:
+            _, cgw = mdcath.coarse_grain(top, zeros, forces, weights)
+            per_config.append(float(np.mean(np.var(cgw, axis=0, ddof=1))))
+            mean_diff.append(float(np.sqrt(np.mean((cgw.mean(0) - cg.mean(0)) ** 2))))
+            mean_rms.append(float(np.sqrt(np.mean(cg.mean(0) ** 2))))
     out = {"noise_mse": float(np.mean(per_config or per_sum)), "per_config": per_config or per_sum,
            "frames": [list(x) for x in frames], "temperature": temperature, "samples": samples,
            "sample_interval_fs": steps_per_sample * dt_fs}  # fmt: skip
