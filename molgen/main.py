@@ -19,6 +19,7 @@ FAMILIES = {
     "lm": "molgen.lm.pretrain",
     "cg": "molgen.cg.train",
     "cg_md": "molgen.cg.production",
+    "cg_landscape": "molgen.cg.landscape",
     "crystal_vae": "molgen.crystal.train_vae",
     "crystal_ldm": "molgen.crystal.train_ldm",
     "crystal_predictor": "molgen.crystal.train_predictor",

@@ -52,3 +52,44 @@ def test_tica_recovers_the_slow_process():
     assert abs(np.corrcoef(proj, np.concatenate(slow))[0, 1]) > 0.99
     with pytest.raises(ValueError, match="longer than the lag"):
         analysis.tica([trajs[0][:3]], lag=5)
+
+
+def test_landscape_states_by_hand():
+    from molgen.cg import landscape
+
+    # two trajectories of 4 frames, folded below 1 Å, unfolded above 3 Å
+    a = {"rmsd": np.array([0.5, 0.5, 4.0, 4.0])}  # folded half the time, one unfolding
+    b = {"rmsd": np.array([4.0, 2.0, 0.5, 0.5])}  # one folding
+    st = landscape.states([a, b], 1.0, 3.0, n_blocks=2, frame_ps=1.0)
+    assert st["folded_fraction"] == pytest.approx(0.5) and (st["folding"], st["unfolding"]) == (1, 1)
+    # 2 trajectories < 2 blocks? no: len(obs)=2 is not < n_blocks=2, so each trajectory is one block
+    assert st["blocks"] == 2 and st["folded_fraction_se"] == pytest.approx(0.0)
+    st = landscape.states([a], 1.0, 3.0, n_blocks=2)
+    assert st["blocks"] == 2 and st["folded_fraction_se"] == pytest.approx(np.std([1.0, 0.0], ddof=1) / np.sqrt(2))
+    assert st["trajectories"][0] == {"frames": 4, "folded_fraction": 0.5, "folding": 0, "unfolding": 1,
+                                      "last": "unfolded"}  # fmt: skip
+
+
+def test_landscape_overlaps_and_plots(tmp_path):
+    from molgen.cg import landscape
+
+    rng = np.random.default_rng(0)
+
+    def obs(shift, n=4000):
+        r = rng.normal(2 + shift, 0.5, n)
+        return {"rmsd": r, "e2e": rng.normal(10 + shift, 1, n), "q": rng.uniform(0, 1, n), "rg": r,
+                "tica": rng.normal(shift, 1, (n, 2))}  # fmt: skip
+
+    named = {"all-atom": obs(0.0), "same": obs(0.0), "shifted": obs(3.0)}
+    s = landscape.compare(named, 340.0, 20, str(tmp_path))
+    assert s["same"]["overlap_rmsd"] > 0.9 and s["same"]["overlap_tica"] > 0.75
+    assert s["shifted"]["overlap_rmsd"] < 0.05 and s["shifted"]["overlap_e2e"] < 0.3
+    assert "all-atom" not in s
+    for f in ("fes_1d.png", "fes_2d_rmsd_q.png", "fes_2d_tica.png"):
+        assert (tmp_path / f).stat().st_size > 10_000
+    folded, unfolded = np.zeros((3, 3)), np.ones((3, 3))
+    trajs = [np.stack([folded, unfolded]), np.stack([unfolded, folded])]
+    o = [{"rmsd": np.array([0.2, 5.0])}, {"rmsd": np.array([5.0, 0.2])}]
+    got = landscape.starts(folded, trajs, o, 4, 3.0)
+    assert [g is folded for g in got] == [True, False, True, False]
+    np.testing.assert_array_equal(got[1], unfolded)

@@ -18,7 +18,7 @@ trains or tests a model chose its own label; the report gives each temperature's
 bead force under the residue sums and under the map. Read it with `data.force_map=stored`.
 
     python -m molgen.cg.mapped --src=runs/cln025_ref/mdcath_dataset_cln025.h5 \\
-        --out=third_party/data/cg/cln025/cln025_ca.h5 --fit_temperatures=450
+        --out=third_party/data/cg/cln025/cln025_ca.h5 --fit_temperatures=450 --frame_ps=1
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def sha256(path: str) -> str:
 
 
 def convert(src: str, out: str, fit_temperatures=(450,), window: int = 1, atom_every: int = 25,
-            temperatures=None) -> dict:  # fmt: skip
+            temperatures=None, frame_ps: float = 0.0) -> dict:  # fmt: skip
     """Write the CA-mapped file `out` of the all-atom mdCATH file `src` (atomically); return its report."""
     import h5py
 
@@ -57,7 +57,7 @@ def convert(src: str, out: str, fit_temperatures=(450,), window: int = 1, atom_e
     if not fit:
         raise mdcath.MdcathError(f"{src}: no runs at fit_temperatures {list(fit_temperatures)} to fit the force map")
     report = {"source": os.path.basename(src), "source_sha256": sha256(src), "fit_temperatures": list(fit_temperatures),
-              "window": window, "atom_every": atom_every, "domains": {}}  # fmt: skip
+              "window": window, "atom_every": atom_every, "frame_ps": frame_ps, "domains": {}}  # fmt: skip
     maps = {}
     for dom in sorted({r.domain for r in runs}):
         mine = [r for r in fit if r.domain == dom]
@@ -112,13 +112,14 @@ def _flags(fv):
     flags.DEFINE_list("temperatures", [], "temperatures (K) to keep (empty: all)", flag_values=fv)
     flags.DEFINE_integer("window", 1, "residues either side a bead's map may use", flag_values=fv)
     flags.DEFINE_integer("atom_every", 25, "keep every n-th frame's all-atom coordinates", flag_values=fv)
+    flags.DEFINE_float("frame_ps", 0.0, "ps between frames, recorded in the provenance (0: unknown)", flag_values=fv)
     return fv
 
 
 def _cli(a, argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     rep = convert(a.src, a.out, [int(t) for t in a.fit_temperatures], a.window, a.atom_every,
-                  [int(t) for t in a.temperatures] or None)  # fmt: skip
+                  [int(t) for t in a.temperatures] or None, a.frame_ps)  # fmt: skip
     print(json.dumps(rep, indent=1))
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
 import time
 
@@ -36,6 +37,7 @@ from molgen.cg.energy import graph_energy
 from molgen.cg.priors import KB
 from molgen.core import cli
 
+log = logging.getLogger("molgen")
 ACCEL = 4.184e-4  # (kcal/mol/Å) / amu in Å/fs²
 
 
@@ -52,8 +54,10 @@ def make_system(meta: dict, copies: int = 1, spacing: float = 60.0, positions=No
     return System(x, species, np.asarray([masses[r] for r in resnames]), chains)
 
 
-def energy_factory(model, nn_params, prior_params, sys: System, skin: float = 0.5, capacity_multiplier=1.25):
-    """(energy(x, nbrs), neighbour_fn) of the whole system (free space; copies are chains)."""
+def energy_factory(model, nn_params, prior_params, sys: System, skin: float = 0.5, capacity_multiplier=1.25,
+                   use_net: bool = True):  # fmt: skip
+    """(energy(x, nbrs), neighbour_fn) of the whole system (free space; copies are chains);
+    use_net=False: the priors alone (the neighbour list is then kept but unused)."""
     cutoff = float(model.net.cutoff)
     displacement, _ = space.free()
     # a cell list over the system's extent (plus room to move) once all-pairs candidates cost more
@@ -68,16 +72,17 @@ def energy_factory(model, nn_params, prior_params, sys: System, skin: float = 0.
     mask = jnp.ones(len(sys.positions), bool)
 
     def energy(x, neighbor):
-        edges = neighbors.edges(neighbor.idx, x.shape[0])
+        edges = neighbors.edges(neighbor.idx, x.shape[0]) if use_net else None
         return graph_energy(model, nn_params, pp, x, species, mask, edges, topo)[0]
 
     return energy, fn
 
 
 def run(model, nn_params, prior_params, sys: System, *, ensemble="nvt", temperature=300.0, dt=2.0, steps=1000,
-        gamma=1 / 500.0, seed=0, record_every=100):  # fmt: skip
-    """Fully jitted jax-md MD; returns (frames [steps // record_every, N, 3], energies, seconds)."""
-    energy, nfn = energy_factory(model, nn_params, prior_params, sys)
+        gamma=1 / 500.0, seed=0, record_every=100, use_net=True):  # fmt: skip
+    """Fully jitted jax-md MD; returns (frames [steps // record_every, N, 3], energies, seconds).
+    use_net=False runs the priors alone."""
+    energy, nfn = energy_factory(model, nn_params, prior_params, sys, use_net=use_net)
     _, shift = space.free()
     kT = KB * temperature
     mass = jnp.asarray(sys.masses / ACCEL, jnp.float32)[:, None]
@@ -108,7 +113,8 @@ def run(model, nn_params, prior_params, sys: System, *, ensemble="nvt", temperat
     chunk = make_chunk(nfn)
     frames, energies = [], []
     t0, compiled = time.perf_counter(), None
-    for _ in range(max(1, steps // record_every)):
+    n_chunks = max(1, steps // record_every)
+    while len(frames) < n_chunks:
         new_state, new_nbrs, pe, ke = chunk(state, nbrs)
         if bool(new_nbrs.did_buffer_overflow):  # grow the list and redo the chunk from its start
             nbrs = nfn.allocate(state.position, extra_capacity=int(nbrs.idx.shape[1] * 0.5))
@@ -118,6 +124,9 @@ def run(model, nn_params, prior_params, sys: System, *, ensemble="nvt", temperat
             compiled = time.perf_counter()
         frames.append(np.asarray(state.position))
         energies.append((float(pe), float(ke)))
+        if len(frames) % max(1, n_chunks // 10) == 0:
+            log.info("jax-md: %d/%d steps, %.0f s", len(frames) * record_every, n_chunks * record_every,
+                     time.perf_counter() - t0)  # fmt: skip
     wall = time.perf_counter() - (compiled or t0)
     timed_steps = (len(frames) - 1) * record_every
     return np.stack(frames), np.asarray(energies), {"seconds": wall, "timed_steps": timed_steps}

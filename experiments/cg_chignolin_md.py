@@ -1,0 +1,53 @@
+"""The chignolin CG model's free-energy landscape against the all-atom reference at 340 K.
+
+python -m molgen.main --config=experiments/cg_chignolin_md.py --workdir=runs/cg_chignolin_md
+python -m molgen.main --config=experiments/cg_chignolin_md.py:quick --workdir=runs/cg_chignolin_md_quick
+
+`md.model_workdir` (default runs/cg_chignolin) must hold a finished run of experiments/cg_chignolin.py;
+if it does not, that experiment (`md.model_experiment`) is trained there first. The CG model and
+its priors alone each run `copies` independent copies in jax-md (half from the folded structure,
+half from unfolded reference frames), and the exported model runs in LAMMPS; molgen.cg.landscape
+compares the 1D and 2D free energies, the folded fraction and the transitions with the
+reference (all its frames at `temperature`). quick: a tenth of the steps, for a smoke check.
+
+Folded: CA RMSD to the folded structure (the minimised crystal structure 5AWL) below 1.0 Å;
+unfolded core (for counting transitions): above 3.0 Å.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(variant: str = "full"):
+    quick = common.check_variant(variant, ("quick", "full", "tiny")) != "full"
+    tiny = variant == "tiny"
+    cfg = common.base("cg_landscape")
+    cfg.md = ml_collections.ConfigDict(
+        dict(
+            model_workdir="runs/cg_chignolin",
+            model_experiment="experiments.cg_chignolin:quick",  # trained into model_workdir if missing
+            temperature=340,
+            reference_frame_ps=0.0,  # ps between reference frames; 0: the data's provenance (frame_ps)
+            seed=0,
+            dt=2.0,  # fs
+            damp=500.0,  # fs, Langevin damping time
+            copies=4 if tiny else 32,
+            steps=2000 if tiny else 50_000 if quick else 500_000,
+            record_every=100 if tiny else 500,  # steps between frames (1 ps)
+            burn_in=0.1,  # fraction of each CG trajectory left out
+            priors_only=True,
+            lammps=dict(
+                enabled=True,
+                copies=4 if tiny else 8,
+                steps=2000 if tiny else 20_000 if quick else 200_000,
+                chunk=1000 if tiny else 10_000,
+            ),  # fmt: skip
+            folded_below=1.0,  # Å CA RMSD
+            unfolded_above=3.0,
+            blocks=10,
+            tica_lag=20,  # reference frames
+            bins=30,
+        )
+    )
+    return cfg
