@@ -25,7 +25,7 @@ def checksums(source_md: pathlib.Path) -> dict[str, str]:
     return {path: digest for digest, path in (line.split(None, 1) for line in block.group(1).splitlines())}
 
 
-@pytest.mark.parametrize("folder", ["crystals", "complexes", "proteins"])
+@pytest.mark.parametrize("folder", ["crystals", "complexes", "proteins", "cg"])
 def test_shipped_data_matches_source_md(folder):
     root = DATA / folder
     assert (root / "LICENSE").exists() or any(root.glob("*/LICENSE")), f"{root}: no licence"
