@@ -85,6 +85,11 @@ def test_landscape_overlaps_and_plots(tmp_path):
     assert s["same"]["overlap_rmsd"] > 0.9 and s["same"]["overlap_tica"] > 0.75
     assert s["shifted"]["overlap_rmsd"] < 0.05 and s["shifted"]["overlap_e2e"] < 0.3
     assert "all-atom" not in s
+    # the reference's halves: the same distribution overlaps well, a shifted half does not
+    h = landscape.compare(named, 340.0, 20, str(tmp_path), halves={"all-atom": (obs(0.0), obs(0.0)),
+                                                                  "shifted": (obs(0.0), obs(3.0))})  # fmt: skip
+    assert h["all-atom"]["halves_overlap_rmsd"] > 0.9 and h["shifted"]["halves_overlap_rmsd"] < 0.05
+    assert h["shifted"]["overlap_rmsd"] < 0.05 and "halves_overlap_rmsd" not in h["same"]
     for f in ("fes_1d.png", "fes_2d_rmsd_q.png", "fes_2d_tica.png"):
         assert (tmp_path / f).stat().st_size > 10_000
     folded, unfolded = np.zeros((3, 3)), np.ones((3, 3))
@@ -93,3 +98,9 @@ def test_landscape_overlaps_and_plots(tmp_path):
     got = landscape.starts(folded, trajs, o, 4, 3.0)
     assert [g is folded for g in got] == [True, False, True, False]
     np.testing.assert_array_equal(got[1], unfolded)
+    # unfolded starts are spread over all unfolded frames of all replicas
+    ramp = [np.stack([folded, *(unfolded * k for k in (2, 3, 4))]), np.stack([unfolded * 5, unfolded * 6])]
+    o = [{"rmsd": np.array([0.2, 5.0, 5.0, 5.0])}, {"rmsd": np.array([5.0, 5.0])}]
+    got = landscape.starts(folded, ramp, o, 6, 3.0)
+    assert [float(g[0, 0]) for g in got] == [0, 2, 0, 4, 0, 6]
+    assert all(g is folded for g in landscape.starts(folded, ramp[:1], o[:1], 3, 9.0))

@@ -3,8 +3,8 @@
 Reference: every CA-mapped frame at `md.temperature` in the model's training source (all splits:
 the landscape is a property of the data, not a held-out score), one trajectory per replica.
 CG: `md.copies` independent copies in one jax-md Langevin run (60 Å apart, beyond every cutoff),
-half of them started from the folded structure and half from the last frames of the reference
-replicas that end unfolded (the folded structure where none does), for the model and for its
+half of them started from the folded structure and half from unfolded reference frames spread
+over all replicas (RMSD above `md.unfolded_above`), for the model and for its
 priors alone; and a LAMMPS run of the exported model (`md.lammps`), as shipped.
 
 Compared, with the definitions of `molgen.cg.analysis`:
@@ -14,7 +14,8 @@ Compared, with the definitions of `molgen.cg.analysis`:
 - the folded fraction, RMSD < `md.folded_below`, with block-averaging errors (reference: blocks
   within each replica; CG: the copies as independent blocks);
 - transitions core to core (RMSD < folded_below, > unfolded_above) per replica or copy;
-- histogram overlaps sum(min(p, q)) on shared grids (1 = identical).
+- histogram overlaps sum(min(p, q)) on shared grids (1 = identical), and the same overlap between
+  the two halves of the reference (even and odd replicas): the ceiling its own sampling allows.
 Plots fes_1d.png, fes_2d_rmsd_q.png and fes_2d_tica.png and landscape.json go to the workdir.
 """
 
@@ -81,9 +82,20 @@ def _hist(values, edges):
     return h / max(h.sum(), 1)
 
 
-def compare(named: dict, temperature: float, bins: int, workdir: str, reference: str = "all-atom") -> dict:
+def _hists(o: dict, grids: dict) -> dict:
+    h = {k: _hist(o[k], grids[k]) for k in KEYS}
+    h["rmsd_q"] = _hist(np.stack([o["rmsd"], o["q"]], 1), grids["rmsd_q"])
+    h["tica"] = _hist(np.asarray(o["tica"])[:, :2], grids["tica"])
+    return h
+
+
+def compare(named: dict, temperature: float, bins: int, workdir: str, reference: str = "all-atom",
+            halves: dict | None = None) -> dict:  # fmt: skip
     """Overlaps of every entry of `named` ({name: concatenated observables incl. "tica" [F, 2]})
-    with `named[reference]`, and the plots."""
+    with `named[reference]`, and the plots. `halves` ({name: (part a, part b)}): two disjoint
+    parts of a run, whose overlap with each other (`halves_overlap_*`) measures its convergence:
+    for the reference (replicas split in two) the ceiling its own sampling allows a model; for a
+    CG run (copies from folded against copies from unfolded starts) whether it forgot its start."""
     out = {}
     grids = {}
     for k in KEYS:
@@ -93,16 +105,14 @@ def compare(named: dict, temperature: float, bins: int, workdir: str, reference:
     grids["rmsd_q"] = (grids["rmsd"], np.linspace(0, 1, bins + 1))
     t = np.concatenate([o["tica"] for o in named.values()])
     grids["tica"] = tuple(np.linspace(t[:, i].min(), t[:, i].max() + 1e-9, bins + 1) for i in range(2))
-    hists = {}
-    for name, o in named.items():
-        h = {k: _hist(o[k], grids[k]) for k in KEYS}
-        h["rmsd_q"] = _hist(np.stack([o["rmsd"], o["q"]], 1), grids["rmsd_q"])
-        h["tica"] = _hist(np.asarray(o["tica"])[:, :2], grids["tica"])
-        hists[name] = h
+    hists = {name: _hists(o, grids) for name, o in named.items()}
     for name in named:
         if name != reference:
             out[name] = {f"overlap_{k}": analysis.overlap(hists[name][k], hists[reference][k]) for k in hists[name]}
     _plot(hists, grids, temperature, workdir, reference, out)
+    for name, pair in (halves or {}).items():
+        a, b = (_hists(h, grids) for h in pair)
+        out.setdefault(name, {}).update({f"halves_overlap_{k}": analysis.overlap(a[k], b[k]) for k in a})
     return out
 
 
@@ -143,11 +153,18 @@ def _plot(hists, grids, temperature, workdir, reference, scores):
         plt.close(fig)
 
 
+def _concat(obs: list) -> dict:
+    return {k: np.concatenate([o[k] for o in obs]) for k in (*KEYS, "rg", "tica")}
+
+
 def starts(folded, ref_trajs, ref_obs, copies: int, unfolded_above: float) -> list:
     """Starting CA structures of the CG copies: the folded structure for even copies; for odd
-    ones the last frames of the reference replicas that end unfolded, in turn (folded if none)."""
-    unfolded = [t[-1] for t, o in zip(ref_trajs, ref_obs, strict=True) if o["rmsd"][-1] > unfolded_above]
-    return [folded if (c % 2 == 0 or not unfolded) else unfolded[(c // 2) % len(unfolded)] for c in range(copies)]
+    ones reference frames with RMSD above `unfolded_above`, evenly spaced over all such frames of
+    all replicas (the folded structure if there are none)."""
+    unfolded = [t[o["rmsd"] > unfolded_above] for t, o in zip(ref_trajs, ref_obs, strict=True)]
+    pool = np.concatenate(unfolded) if sum(len(u) for u in unfolded) else np.zeros((0, *folded.shape))
+    picks = iter(np.linspace(0, len(pool) - 1, copies // 2).round().astype(int))
+    return [folded if c % 2 == 0 or not len(pool) else pool[next(picks)] for c in range(copies)]
 
 
 def sample(trained, meta, starts_list, mc, use_net: bool) -> list:
@@ -188,12 +205,13 @@ def train_and_evaluate(config, workdir: str):
               "unfolded_above": mc.unfolded_above, "reference_provenance": prov,
               "tica": {"lag_frames": mc.tica_lag, "timescales_ps": (tica["timescales"] * frame_ps).tolist()},
               "runs": {}}  # fmt: skip
-    named = {}
+    named, halves = {}, {}
 
     def add(name, trajs, obs, extra):
         for o, t in zip(obs, trajs, strict=True):
             o["tica"] = analysis.tica_project(analysis.pair_distances(t), tica)
-        named[name] = {k: np.concatenate([o[k] for o in obs]) for k in (*KEYS, "rg", "tica")}
+        named[name] = _concat(obs)
+        halves[name] = (_concat(obs[0::2]), _concat(obs[1::2])) if len(obs) > 1 else None
         st = states(obs, mc.folded_below, mc.unfolded_above, mc.blocks, extra.pop("frame_ps", 0.0))
         report["runs"][name] = {**extra, **st}
         log.info("%s: folded fraction %.3f +- %.3f, %d folding / %d unfolding events", name, st["folded_fraction"],
@@ -220,9 +238,11 @@ def train_and_evaluate(config, workdir: str):
         add("CG model (LAMMPS)", list(trajs), [observables(t, folded, contacts) for t in trajs],
             {"copies": mc.lammps.copies, "steps": mc.lammps.steps, "dt_fs": mc.dt, "steps_per_s": run["steps_per_s"],
              "ns_per_day": run["ns_per_day"]})  # fmt: skip
-    scores = compare(named, float(temp), mc.bins, workdir)
+    scores = compare(named, float(temp), mc.bins, workdir, halves={n: h for n, h in halves.items() if h})
     for name, s in scores.items():
         report["runs"][name].update(s)
+        if name == "all-atom":
+            continue
         ref_f = report["runs"]["all-atom"]["folded_fraction"]
         report["runs"][name]["folded_fraction_minus_reference"] = report["runs"][name]["folded_fraction"] - ref_f
     loop.write_json(workdir, "landscape.json", report)

@@ -1,0 +1,38 @@
+"""Chignolin end to end through the real CLI on the committed reference data: the tiny model
+(stored force map, 340 K frames only) and its landscape against the all-atom reference."""
+
+import json
+import subprocess
+import sys
+
+import cg_run
+import pytest
+
+CLI = [sys.executable, "-m", "molgen.main"]
+
+
+@pytest.mark.slow  # ~3 min: trains the tiny model and runs jax-md and LAMMPS
+def test_tiny_chignolin_model_and_landscape(tmp_path):
+    model = tmp_path / "model"
+    train = [*CLI, "--config=experiments/cg_chignolin.py:tiny", f"--workdir={model}",
+             f"--config.data.data_dir={tmp_path / 'tfds'}"]  # fmt: skip
+    res = subprocess.run(train, cwd=cg_run.ROOT, env=cg_run.env(), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    ev = json.loads((model / "evaluation.json").read_text())
+    assert ev["frames"] > 0 and ev["model"]["mse"] > 0 and ev["priors_only"]["mse"] > 0
+    wd = tmp_path / "md"
+    md = [*CLI, "--config=experiments/cg_chignolin_md.py:tiny", f"--workdir={wd}", f"--config.md.model_workdir={model}",
+          "--config.md.model_experiment="]  # fmt: skip
+    res = subprocess.run(md, cwd=cg_run.ROOT, env=cg_run.env(), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    rep = json.loads((wd / "landscape.json").read_text())
+    ref = rep["runs"]["all-atom"]
+    assert ref["replicas"] == 2 and [t["ns"] for t in ref["trajectories"]] == [5.0, 5.0]
+    assert 0 <= ref["folded_fraction"] < 0.1 and ref["unfolding"] == 1  # the folded start unfolds, never refolds
+    assert 0.3 < ref["halves_overlap_rmsd_q"] < 1  # replica 0 against replica 1
+    for name in ("CG model (jax-md)", "priors only (jax-md)", "CG model (LAMMPS)"):
+        run = rep["runs"][name]
+        assert 0 <= run["overlap_rmsd_q"] <= 1 and 0 <= run["halves_overlap_rmsd_q"] <= 1, name
+        assert 0 <= run["folded_fraction"] <= 1, name
+    for f in ("fes_1d.png", "fes_2d_rmsd_q.png", "fes_2d_tica.png"):
+        assert (wd / f).stat().st_size > 10_000
