@@ -76,3 +76,28 @@ def test_nan_in_a_mapped_file_names_the_run(mapped_file, tmp_path):
         list(mdcath.read_cg(str(bad)))
     runs = list(mdcath.read_cg(str(bad), on_nan="skip"))
     assert runs[1].skipped_frames == (4,) and len(runs[1].positions) == 23
+
+
+def test_active_learning_frames_join_a_mapped_source_under_its_map(mapped_file, tmp_path):
+    """molgen.cg.active on a CA-mapped source: the round's file is all-atom (no mapped layout or
+    map copied), and data.extra_train maps its forces with the source's stored map."""
+    from molgen.cg import active
+
+    src, out, _ = mapped_file
+    extra = tmp_path / "round" / "mdcath_dataset_villin.h5"
+    extra.parent.mkdir()
+    active._copy_topology(str(out), str(extra), "villin")
+    assert not mdcath.is_mapped(str(extra))
+    with h5py.File(extra) as f:
+        assert "forceMap" not in f["villin"] and "provenance" not in f.attrs
+    run = next(mdcath.read_runs(src, replicas=(1,)))
+    mdcath.write_replica(str(extra), "villin", 320, 0, run.coords[:3], run.forces[:3], np.zeros(3), {})
+    b = data.build(data_config(out, force_map="stored", extra_train=str(extra.parent)), str(tmp_path / "tfds"))
+    rep = data.report(b)
+    assert rep["extra_train_frames"] == 3 and rep["frames"]["train"] == 48 - rep["frames"]["test"] - rep["frames"][
+        "validation"] + 3  # fmt: skip
+    want = next(mdcath.read_cg(src, replicas=(1,), force_maps=mdcath.stored_force_maps(str(out)))).forces[:3]
+    got = [ex for ex in b.as_data_source()["train"] if ex["extra"]]
+    assert len(got) == 3
+    for ex in got:
+        np.testing.assert_allclose(ex["forces"][ex["mask"]], want[int(ex["frame"])], rtol=1e-5, atol=1e-4)

@@ -60,20 +60,25 @@ def explore(trained, meta: dict, temperature: float, steps: int, record_every: i
 
 
 def _copy_topology(src: str, out: str, domain: str):
-    """A new mdCATH file at `out` with the domain's topology (no runs) copied from `src`; atomic."""
+    """A new all-atom mdCATH file at `out` with the domain's topology (no runs) copied from `src`
+    (all-atom or CA-mapped: a mapped source's layout, provenance and force map stay behind, since
+    the new runs hold all-atom forces that the source's map maps); atomic."""
     tmp = out + ".tmp"
     with h5py.File(src, "r") as f, h5py.File(tmp, "w") as g:
-        g.attrs.update(dict(f.attrs))
+        g.attrs.update({k: v for k, v in f.attrs.items() if k != "provenance"})
+        if mdcath.is_mapped(src):
+            g.attrs["layout"] = mdcath.LAYOUT
         dst = g.create_group(domain)
         dst.attrs.update(dict(f[domain].attrs))
         for key in f[domain].keys():
-            if not key.isdigit():
+            if not key.isdigit() and key != "forceMap":
                 f.copy(f[domain][key], dst, name=key)
     os.replace(tmp, out)
 
 
 def _pool(cfg, domain: str, temperature: int):
-    """(source file, all-atom train frames [P, N, 3] at the nearest temperature) of the model's data."""
+    """(source file, all-atom train frames [P, N, 3] at the nearest temperature) of the model's data
+    (of a CA-mapped source: the train frames whose all-atom coordinates it kept)."""
     src = data.build(cfg.data, cfg.data.data_dir).as_data_source()["train"]
     split = train.load_split(src)
     keep = (split["domain"] == domain) & ~split["extra"]
@@ -81,10 +86,13 @@ def _pool(cfg, domain: str, temperature: int):
     t = min(temps, key=lambda x: abs(x - temperature))
     keep &= split["temperature"] == t
     files = {d: f for f in data.source_files(cfg.data.source) for d in mdcath.domains(f)}
-    with h5py.File(files[domain], "r") as f:
-        g = f[domain][str(t)]
-        pool = [g[str(r)]["coords"][int(i)] for r, i in zip(split["replica"][keep], split["frame"][keep], strict=True)]
-    return files[domain], np.stack(pool)
+    path = files[domain]
+    pairs = [(int(r), int(i)) for r, i in zip(split["replica"][keep], split["frame"][keep], strict=True)]
+    kept = mdcath.atom_frames(path, domain, t)
+    pairs = [p for p in pairs if kept is None or p in kept]
+    if not pairs:
+        raise ValueError(f"{path}: no train frame of {domain} at {t} K has all-atom coordinates to backmap from")
+    return path, np.stack([mdcath.atom_coords(path, domain, t, r, i) for r, i in pairs])
 
 
 def run_round(model_workdir: str, out: str, temperatures=(320, 348), steps: int = 20_000, record_every: int = 100,
