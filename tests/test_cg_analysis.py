@@ -104,3 +104,15 @@ def test_landscape_overlaps_and_plots(tmp_path):
     got = landscape.starts(folded, ramp, o, 6, 3.0)
     assert [float(g[0, 0]) for g in got] == [0, 2, 0, 4, 0, 6]
     assert all(g is folded for g in landscape.starts(folded, ramp[:1], o[:1], 3, 9.0))
+
+
+def test_blown_up_copies_are_cut_and_reported():
+    from molgen.cg import landscape
+
+    good = np.zeros((5, 3, 3))
+    bad = good.copy()
+    bad[3:, 1, 0] = np.nan
+    kept, cut = landscape.finite_part([good, bad], "model")
+    assert [len(k) for k in kept] == [5, 3] and cut == [{"copy": 1, "frame": 3}]
+    with pytest.raises(FloatingPointError, match="model: every copy was non-finite"):
+        landscape.finite_part([np.full((2, 3, 3), np.nan)], "model")

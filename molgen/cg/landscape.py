@@ -183,7 +183,26 @@ def sample(trained, meta, starts_list, mc, use_net: bool) -> list:
              mc.steps, timing["seconds"])  # fmt: skip
     trajs = frames.reshape(len(frames), len(starts_list), n, 3).transpose(1, 0, 2, 3)
     burn = int(len(frames) * mc.burn_in)
-    return [t[burn:] for t in trajs], timing
+    kept, timing["nonfinite"] = finite_part([t[burn:] for t in trajs], "model" if use_net else "priors")
+    return kept, timing
+
+
+def finite_part(trajs: list, label: str) -> tuple[list, list]:
+    """Each trajectory up to its first non-finite frame, and [{copy, frame}] of those cut (a
+    blown-up copy is reported, not hidden; the analysis uses what it sampled before)."""
+    kept, bad = [], []
+    for c, t in enumerate(trajs):
+        ok = np.isfinite(t).all(axis=(1, 2))
+        stop = len(t) if ok.all() else int(np.argmin(ok))
+        if stop < len(t):
+            bad.append({"copy": c, "frame": stop})
+            log.warning("%s copy %d: non-finite positions from frame %d on; kept the %d frames before", label, c,
+                        stop, stop)  # fmt: skip
+        if stop:
+            kept.append(t[:stop])
+    if not kept:
+        raise FloatingPointError(f"{label}: every copy was non-finite from its first frame: {bad[:4]}")
+    return kept, bad
 
 
 def train_and_evaluate(config, workdir: str):
@@ -225,7 +244,7 @@ def train_and_evaluate(config, workdir: str):
         trajs, timing = sample(trained, meta, begin, mc, use_net)
         add(name, trajs, [observables(t, folded, contacts) for t in trajs],
             {"copies": mc.copies, "steps": mc.steps, "dt_fs": mc.dt, "ns_per_copy": mc.steps * mc.dt * 1e-6,
-             "wall_s": timing["seconds"]})  # fmt: skip
+             "wall_s": timing["seconds"], "nonfinite_copies": timing["nonfinite"]})  # fmt: skip
     if mc.lammps.enabled:
         folder = export.write(model_wd, os.path.join(workdir, "export"))
         run_dir = os.path.join(workdir, "lammps")
@@ -235,9 +254,10 @@ def train_and_evaluate(config, workdir: str):
         frames = read_dump(os.path.join(run_dir, "traj.lammpstrj"))
         n = protein["n_beads"]
         trajs = frames.reshape(len(frames), -1, n, 3).transpose(1, 0, 2, 3)[:, int(len(frames) * mc.burn_in) :]
-        add("CG model (LAMMPS)", list(trajs), [observables(t, folded, contacts) for t in trajs],
+        trajs, bad = finite_part(list(trajs), "LAMMPS")
+        add("CG model (LAMMPS)", trajs, [observables(t, folded, contacts) for t in trajs],
             {"copies": mc.lammps.copies, "steps": mc.lammps.steps, "dt_fs": mc.dt, "steps_per_s": run["steps_per_s"],
-             "ns_per_day": run["ns_per_day"]})  # fmt: skip
+             "ns_per_day": run["ns_per_day"], "nonfinite_copies": bad})  # fmt: skip
     scores = compare(named, float(temp), mc.bins, workdir, halves={n: h for n, h in halves.items() if h})
     for name, s in scores.items():
         report["runs"][name].update(s)
