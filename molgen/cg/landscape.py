@@ -248,9 +248,15 @@ def train_and_evaluate(config, workdir: str):
     if mc.lammps.enabled:
         folder = export.write(model_wd, os.path.join(workdir, "export"))
         run_dir = os.path.join(workdir, "lammps")
-        run = lammps.run(folder, run_dir, ensemble="nvt", temperature=float(temp), steps=mc.lammps.steps, dt=mc.dt,
-                         damp=mc.damp, seed=mc.seed, dump_every=mc.record_every, copies=mc.lammps.copies,
-                         chunk=mc.lammps.chunk)  # fmt: skip
+        try:
+            run = lammps.run(folder, run_dir, ensemble="nvt", temperature=float(temp), steps=mc.lammps.steps,
+                             dt=mc.dt, damp=mc.damp, seed=mc.seed, dump_every=mc.record_every,
+                             copies=mc.lammps.copies, chunk=mc.lammps.chunk)  # fmt: skip
+        except Exception as e:  # LAMMPS stops on a blown-up system ("Bond atoms missing"): report it, keep the rest
+            log.warning("LAMMPS run failed, reported in landscape.json: %s", str(e)[-300:])
+            report["runs"]["CG model (LAMMPS)"] = {"error": str(e)[-1000:], "log": os.path.join(run_dir, "log.lammps")}
+            run = None
+    if mc.lammps.enabled and run is not None:
         frames = read_dump(os.path.join(run_dir, "traj.lammpstrj"))
         n = protein["n_beads"]
         trajs = frames.reshape(len(frames), -1, n, 3).transpose(1, 0, 2, 3)[:, int(len(frames) * mc.burn_in) :]
