@@ -6,12 +6,10 @@ import subprocess
 import sys
 
 import cg_run
-import pytest
 
 CLI = [sys.executable, "-m", "molgen.main"]
 
 
-@pytest.mark.slow  # ~3 min: trains the tiny model and runs jax-md and LAMMPS
 def test_tiny_chignolin_model_and_landscape(tmp_path):
     model = tmp_path / "model"
     train = [*CLI, "--config=experiments/cg_chignolin.py:tiny", f"--workdir={model}",
