@@ -92,7 +92,7 @@ def _pool(cfg, domain: str, temperature: int):
     pairs = [p for p in pairs if kept is None or p in kept]
     if not pairs:
         raise ValueError(f"{path}: no train frame of {domain} at {t} K has all-atom coordinates to backmap from")
-    return path, np.stack([mdcath.atom_coords(path, domain, t, r, i) for r, i in pairs])
+    return path, np.stack(mdcath.atom_coords_many(path, domain, t, pairs))
 
 
 def run_round(model_workdir: str, out: str, temperatures=(320, 348), steps: int = 20_000, record_every: int = 100,

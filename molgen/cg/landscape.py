@@ -15,7 +15,8 @@ Compared, with the definitions of `molgen.cg.analysis`:
   within each replica; CG: the copies as independent blocks);
 - transitions core to core (RMSD < folded_below, > unfolded_above) per replica or copy;
 - histogram overlaps sum(min(p, q)) on shared grids (1 = identical), and the same overlap between
-  the two halves of the reference (even and odd replicas): the ceiling its own sampling allows.
+  the two halves of each run (even and odd replicas or copies): for the reference the ceiling its
+  own sampling allows, for a CG run whether its folded and unfolded starts agree.
 Plots fes_1d.png, fes_2d_rmsd_q.png and fes_2d_tica.png and landscape.json go to the workdir.
 """
 
@@ -189,7 +190,8 @@ def sample(trained, meta, starts_list, mc, use_net: bool) -> list:
 
 def finite_part(trajs: list, label: str) -> tuple[list, list]:
     """Each trajectory up to its first non-finite frame, and [{copy, frame}] of those cut (a
-    blown-up copy is reported, not hidden; the analysis uses what it sampled before)."""
+    blown-up copy is reported, not hidden; the analysis uses what it sampled before). A copy with
+    no finite frame after burn-in is left out, which shifts the even/odd halves after it."""
     kept, bad = [], []
     for c, t in enumerate(trajs):
         ok = np.isfinite(t).all(axis=(1, 2))
@@ -230,7 +232,8 @@ def train_and_evaluate(config, workdir: str):
         for o, t in zip(obs, trajs, strict=True):
             o["tica"] = analysis.tica_project(analysis.pair_distances(t), tica)
         named[name] = _concat(obs)
-        halves[name] = (_concat(obs[0::2]), _concat(obs[1::2])) if len(obs) > 1 else None
+        if len(obs) > 1:
+            halves[name] = (_concat(obs[0::2]), _concat(obs[1::2]))
         st = states(obs, mc.folded_below, mc.unfolded_above, mc.blocks, extra.pop("frame_ps", 0.0))
         report["runs"][name] = {**extra, **st}
         log.info("%s: folded fraction %.3f +- %.3f, %d folding / %d unfolding events", name, st["folded_fraction"],
@@ -245,6 +248,7 @@ def train_and_evaluate(config, workdir: str):
         add(name, trajs, [observables(t, folded, contacts) for t in trajs],
             {"copies": mc.copies, "steps": mc.steps, "dt_fs": mc.dt, "ns_per_copy": mc.steps * mc.dt * 1e-6,
              "wall_s": timing["seconds"], "nonfinite_copies": timing["nonfinite"]})  # fmt: skip
+    run = None
     if mc.lammps.enabled:
         folder = export.write(model_wd, os.path.join(workdir, "export"))
         run_dir = os.path.join(workdir, "lammps")
@@ -255,8 +259,7 @@ def train_and_evaluate(config, workdir: str):
         except Exception as e:  # LAMMPS stops on a blown-up system ("Bond atoms missing"): report it, keep the rest
             log.warning("LAMMPS run failed, reported in landscape.json: %s", str(e)[-300:])
             report["runs"]["CG model (LAMMPS)"] = {"error": str(e)[-1000:], "log": os.path.join(run_dir, "log.lammps")}
-            run = None
-    if mc.lammps.enabled and run is not None:
+    if run is not None:
         frames = read_dump(os.path.join(run_dir, "traj.lammpstrj"))
         n = protein["n_beads"]
         trajs = frames.reshape(len(frames), -1, n, 3).transpose(1, 0, 2, 3)[:, int(len(frames) * mc.burn_in) :]
@@ -264,7 +267,7 @@ def train_and_evaluate(config, workdir: str):
         add("CG model (LAMMPS)", trajs, [observables(t, folded, contacts) for t in trajs],
             {"copies": mc.lammps.copies, "steps": mc.lammps.steps, "dt_fs": mc.dt, "steps_per_s": run["steps_per_s"],
              "ns_per_day": run["ns_per_day"], "nonfinite_copies": bad})  # fmt: skip
-    scores = compare(named, float(temp), mc.bins, workdir, halves={n: h for n, h in halves.items() if h})
+    scores = compare(named, float(temp), mc.bins, workdir, halves=halves)
     for name, s in scores.items():
         report["runs"][name].update(s)
         if name == "all-atom":

@@ -229,14 +229,24 @@ def atom_frames(path: str, domain: str, temperature: int):
 
 def atom_coords(path: str, domain: str, temperature: int, replica: int, frame: int):
     """All-atom coordinates [N, 3] of one frame, or None where a CA-mapped file did not keep them."""
+    return atom_coords_many(path, domain, temperature, [(replica, frame)])[0]
+
+
+def atom_coords_many(path: str, domain: str, temperature: int, pairs) -> list:
+    """`atom_coords` of each (replica, frame) in `pairs`, reading the file once."""
     import h5py
 
+    out = []
     with h5py.File(path, "r") as f:
-        run = f[domain][str(temperature)][str(replica)]
-        if "coords" in run:
-            return run["coords"][frame]
-        where = np.flatnonzero(run["atomFrames"][()] == frame) if "atomFrames" in run else []
-        return run["atomCoords"][where[0]] if len(where) else None
+        g = f[domain][str(temperature)]
+        for replica, frame in pairs:
+            run = g[str(replica)]
+            if "coords" in run:
+                out.append(run["coords"][frame])
+                continue
+            where = np.flatnonzero(run["atomFrames"][()] == frame) if "atomFrames" in run else []
+            out.append(run["atomCoords"][where[0]] if len(where) else None)
+    return out
 
 
 def read_cg(path: str, on_nan: str = "error", temperatures=None, replicas=None, force_maps=None):
