@@ -20,8 +20,10 @@ def _cfg(source, **kw):
 def test_round_writes_fixed_ca_frames_that_join_train_only(cg_trained, cg_source, tmp_path):
     out = tmp_path / "round"
     rep = active.run_round(str(cg_trained), str(out), temperatures=(320,), steps=200, record_every=50, configs=2,
-                           samples=3, steps_per_sample=2, equilibration_steps=10)  # fmt: skip
+                           samples=3, steps_per_sample=2, equilibration_steps=10, copies=2)  # fmt: skip
+    assert rep["temperatures"]["320"]["copies"] == 2
     rows = rep["temperatures"]["320"]["new_configs"]
+    assert [r["explore_copy"] for r in rows] == [0, 1]  # one configuration from each copy
     assert [r["config"] for r in rows] == [0, 1] and all(r["restraint_deviation"] < 0.5 for r in rows)
     path = out / "mdcath_dataset_villin.h5"
     runs = list(mdcath.read_runs(str(path)))
@@ -31,7 +33,7 @@ def test_round_writes_fixed_ca_frames_that_join_train_only(cg_trained, cg_source
     ca = runs[1].topology.ca_index
     np.testing.assert_allclose(runs[1].coords[:, ca], np.broadcast_to(target, (3, *target.shape)), atol=1e-4)
     again = active.run_round(str(cg_trained), str(out), temperatures=(320,), steps=200, record_every=50, configs=2,
-                             samples=3, steps_per_sample=2, equilibration_steps=10)  # fmt: skip
+                             samples=3, steps_per_sample=2, equilibration_steps=10, copies=2)  # fmt: skip
     assert again["temperatures"]["320"]["new_configs"] == []  # resumed: nothing redone
 
     base = data.build(_cfg(cg_source), str(tmp_path / "tfds"))
@@ -59,3 +61,14 @@ def test_round_writes_fixed_ca_frames_that_join_train_only(cg_trained, cg_source
     np.testing.assert_array_equal(p_all["bond"]["r0"], p_src["bond"]["r0"])  # extra frames do not enter the priors
     with pytest.raises(FileNotFoundError, match="data.extra_train: no mdCATH .h5 files at"):
         data.build(_cfg(cg_source, extra_train=str(tmp_path / "missing")), str(tmp_path / "tfds"))
+
+
+def test_picks_spread_over_copies_and_stop_before_a_blow_up():
+    frames = np.zeros((3, 20, 4, 3))
+    frames[1, 12:] = np.nan  # blew up at frame 12: usable up to 12 - BLOWUP_MARGIN
+    frames[2] = np.nan  # never finite: its share goes to the others
+    got = active.picks(frames, 5, burn_in=0.25)
+    assert got == [(0, 5), (0, 12), (0, 19), (1, 5), (1, 6)]
+    assert all(i < 12 - active.BLOWUP_MARGIN for c, i in got if c == 1)
+    with pytest.raises(FloatingPointError, match="every exploration copy blew up"):
+        active.picks(frames[2:], 2, burn_in=0.0)
