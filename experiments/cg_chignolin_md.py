@@ -27,6 +27,7 @@ def get_config(variant: str = "full"):
         dict(
             model_workdir="runs/cg_chignolin",
             model_experiment="experiments.cg_chignolin:quick",  # trained into model_workdir if missing
+            members="best",  # an ensemble's best member, or "mean": the mean of its members' network energies
             temperature=340,
             reference_frame_ps=0.0,  # ps between reference frames; 0: the data's provenance (frame_ps)
             seed=0,

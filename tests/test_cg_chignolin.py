@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import cg_run
+import numpy as np
 
 CLI = [sys.executable, "-m", "molgen.main"]
 
@@ -32,5 +33,7 @@ def test_tiny_chignolin_model_and_landscape(tmp_path):
         run = rep["runs"][name]
         assert 0 <= run["overlap_rmsd_q"] <= 1 and 0 <= run["halves_overlap_rmsd_q"] <= 1, name
         assert 0 <= run["folded_fraction"] <= 1, name
+    with np.load(wd / "traj_cg_model_jax_md.npz") as z:  # the copies after burn-in, kept for analysis
+        assert len(z.files) == 4 and z["copy_0"].shape[1:] == (10, 3)
     for f in ("fes_1d.png", "fes_2d_rmsd_q.png", "fes_2d_tica.png"):
         assert (wd / f).stat().st_size > 10_000

@@ -6,7 +6,11 @@ import subprocess
 import time
 
 import cg_run
+import jax
+import numpy as np
 import pytest
+
+from molgen.cg import export
 
 KILL_ARGS = cg_run.KILL_ARGS
 _cmd, run = cg_run.cmd, cg_run.run
@@ -86,3 +90,10 @@ def test_vmapped_ensemble_member_matches_sequential_seed(reference, source, tmp_
     rows = [json.loads(x) for x in (wd / "ensemble" / "stage1" / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/force_mse_1" in r for r in rows)
     assert (wd / "ensemble" / "member_1" / "forces_validation.png").exists()
+    ev = json.loads((wd / "evaluation.json").read_text())
+    assert np.isfinite(ev["ensemble_mean"]["model"]["mse"]) and np.isfinite(ev["ensemble_mean"]["paired_mse_gain"]["z"])
+    # members="mean": the stacked members, whose mean network energy is the model's
+    _, m_best, p_best, _, info = export.load_trained(str(wd))
+    _, m_mean, p_mean, _, info_mean = export.load_trained(str(wd), members="mean")
+    assert info_mean["seeds"] == [0, 1] and m_mean.members == 2 and m_best.members == 0
+    np.testing.assert_array_equal(jax.tree.leaves(p_best)[0], jax.tree.leaves(p_mean)[0][info["best_seed"]])

@@ -253,3 +253,20 @@ def test_force_matching_parameter_gradient_is_finite_with_coincident_beads():
     leaves = [np.asarray(g) for g in jax.tree.leaves(grads)]
     assert np.isfinite(float(loss)) and all(np.all(np.isfinite(g)) for g in leaves)
     assert sum(float(np.abs(g).sum()) for g in leaves) > 0
+
+
+def test_ensemble_mean_energy_is_the_mean_of_its_members():
+    """Model.members = M: stacked parameters give the members' mean network energy plus the
+    priors once, and the forces of that mean (export.load_trained(members="mean"))."""
+    import dataclasses
+
+    _, model, p0, pp, x, spc, mask = _model()
+    p1 = energy.init_net(model, 1, {"positions": x, "species": spc})
+    mean = dataclasses.replace(model, members=2)
+    stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), p0, p1)
+    e0, f0, _ = energy.frame_forces(model, p0, pp, x, spc, mask)
+    e1, f1, _ = energy.frame_forces(model, p1, pp, x, spc, mask)
+    em, fm, _ = energy.frame_forces(mean, stacked, pp, x, spc, mask)
+    assert abs(float(e0) - float(e1)) > 1e-3  # the members differ
+    np.testing.assert_allclose(float(em), 0.5 * (float(e0) + float(e1)), rtol=1e-5)
+    np.testing.assert_allclose(fm, 0.5 * (f0 + f1), rtol=1e-4, atol=1e-4)

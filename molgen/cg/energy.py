@@ -45,6 +45,7 @@ class Model:
     weights: dict
     excluded: bool
     box: float = 0.0  # cubic periodic box edge in Å; 0 = free space
+    members: int = 0  # > 0: nn_params carry a leading axis of that many ensemble members, energy = their mean
 
     def __hash__(self):
         return id(self)
@@ -95,7 +96,11 @@ def graph_energy(model: Model, nn_params, prior_params, positions, species, mask
     if edges is not None:
         c, n, v = edges
         v = v & mask[c] & mask[n]
-        e_bead = model.net.apply({"params": nn_params}, positions, species, c, n, v, displacement=disp)
+
+        def net(p):
+            return model.net.apply({"params": p}, positions, species, c, n, v, displacement=disp)
+
+        e_bead = jnp.mean(jax.vmap(net)(nn_params), 0) if model.members else net(nn_params)
         terms["allegro"] = jnp.sum(e_bead * mask)
     return sum(terms.values()), terms
 

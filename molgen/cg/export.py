@@ -1,6 +1,9 @@
 """Ship a trained CG model: `jax.export` of energy, forces and virial with symbolic sizes.
 
-    python -m molgen.cg.export --workdir=runs/cg_villin [--out=runs/cg_villin/export]
+    python -m molgen.cg.export --workdir=runs/cg_villin [--out=runs/cg_villin/export] [--members=mean]
+
+`--members=mean` exports an ensemble's mean network energy (plus the shared priors) instead of
+its best member: each call then evaluates every member.
 
 The artifact folder holds
 - `model.jax`: `Exported.serialize()` bytes (parameters are constants inside);
@@ -53,9 +56,13 @@ class ExportError(ValueError):
 # ----------------------------------------------------------------------------- trained model
 
 
-def load_trained(workdir: str):
+def load_trained(workdir: str, members: str = "best"):
     """(config, Model without neighbour list, nn_params, prior_params, info) of a finished CG
-    training run: the best ensemble member's parameters after its last enabled stage."""
+    training run, with the parameters after its last enabled stage of the best ensemble member
+    (`members="best"`) or of every member stacked (`"mean"`: the model's energy is the members'
+    mean network energy plus the priors, which all members share)."""
+    if members not in ("best", "mean"):
+        raise ValueError(f"members must be 'best' or 'mean', got {members!r}")
     import ml_collections
 
     from molgen.cg import energy, priors
@@ -77,6 +84,7 @@ def load_trained(workdir: str):
         raise ValueError(f"{wd}: no training stage was enabled, there are no network parameters")
     vmapped = config.ensemble.vmap and config.ensemble.seeds > 1
     run_dir = wd / ("ensemble" if vmapped else f"seed_{best}") / stages[-1]
+    seeds = [int(m["seed"]) for m in ens["seeds"]] if members == "mean" else [best]
     mc = config.model
     net = energy.make_net(mc, float(mc.inner_cutoff))
     x = jnp.asarray(np.arange(12, dtype=np.float32).reshape(4, 3))
@@ -84,15 +92,20 @@ def load_trained(workdir: str):
     if vmapped:
         n = config.ensemble.seeds
         template = jax.tree.map(lambda s: jax.ShapeDtypeStruct((n, *s.shape), s.dtype), template)
-    params = checkpoint.restore_params(str(run_dir), template)
     if vmapped:
-        params = jax.tree.map(lambda p: p[best], params)
+        params = jax.tree.map(lambda p: p[np.asarray(seeds)], checkpoint.restore_params(str(run_dir), template))
+    else:
+        each = [checkpoint.restore_params(str(wd / f"seed_{k}" / stages[-1]), template) for k in seeds]
+        params = jax.tree.map(lambda *p: np.stack(p), *each)
+    if members == "best":
+        params = jax.tree.map(lambda p: p[0], params)
     prior_file = wd / ("priors_lbfgs.json" if config.stages.lbfgs.enabled else "priors.json")
     prior_params = priors.load(str(prior_file))
     pc = config.priors
     model = energy.Model(net, None, None, None, {k: float(pc.weights[k]) for k in priors.TERMS},
-                        bool(pc.excluded_volume), float(mc.box))  # fmt: skip
-    return config, model, jax.device_get(params), prior_params, {"best_seed": best, "checkpoint": str(run_dir)}
+                        bool(pc.excluded_volume), float(mc.box), len(seeds) if members == "mean" else 0)  # fmt: skip
+    info = {"best_seed": best, "checkpoint": str(run_dir), "members": members, "seeds": seeds}
+    return config, model, jax.device_get(params), prior_params, info
 
 
 def _pairs(n):
@@ -173,9 +186,10 @@ def residue_masses(resnames) -> list[float]:
     return out
 
 
-def write(workdir: str, out: str | None = None, platforms=("cpu", "cuda")) -> pathlib.Path:
-    """Export the best model of a CG training workdir into `out` (default <workdir>/export)."""
-    config, model, nn_params, prior_params, info = load_trained(workdir)
+def write(workdir: str, out: str | None = None, platforms=("cpu", "cuda"), members: str = "best") -> pathlib.Path:
+    """Export the model of a CG training workdir into `out` (default <workdir>/export): its best
+    ensemble member, or with members="mean" the mean of all members (`load_trained`)."""
+    config, model, nn_params, prior_params, info = load_trained(workdir, members)
     out = pathlib.Path(out or pathlib.Path(workdir) / "export")
     out.mkdir(parents=True, exist_ok=True)
     exp = export(model, nn_params, prior_params, platforms)
@@ -314,11 +328,13 @@ def _flags(fv):
     flags.DEFINE_string("workdir", None, "a finished CG training workdir", required=True, flag_values=fv)
     flags.DEFINE_string("out", None, "artifact folder (default: <workdir>/export)", flag_values=fv)
     flags.DEFINE_list("platforms", ["cpu", "cuda"], "platforms to export for", flag_values=fv)
+    flags.DEFINE_enum("members", "best", ["best", "mean"], "the best ensemble member, or the mean of all",
+                      flag_values=fv)  # fmt: skip
     return fv
 
 
 def _cli(a, argv):
-    print(write(a.workdir, a.out, tuple(a.platforms)))
+    print(write(a.workdir, a.out, tuple(a.platforms), a.members))
 
 
 def main(argv=None):

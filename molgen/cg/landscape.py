@@ -17,7 +17,9 @@ Compared, with the definitions of `molgen.cg.analysis`:
 - histogram overlaps sum(min(p, q)) on shared grids (1 = identical), and the same overlap between
   the two halves of each run (even and odd replicas or copies): for the reference the ceiling its
   own sampling allows, for a CG run whether its folded and unfolded starts agree.
-Plots fes_1d.png, fes_2d_rmsd_q.png and fes_2d_tica.png and landscape.json go to the workdir.
+Plots fes_1d.png, fes_2d_rmsd_q.png and fes_2d_tica.png, landscape.json and the CG trajectories
+(traj_<run>.npz, one [F, R, 3] array per copy, Å) go to the workdir. `md.members="mean"` runs an
+ensemble's mean energy (export.load_trained), in jax-md and LAMMPS.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 import numpy as np
 
@@ -210,7 +213,7 @@ def finite_part(trajs: list, label: str) -> tuple[list, list]:
 def train_and_evaluate(config, workdir: str):
     mc = config.md
     model_wd = ensure_model(config)
-    trained = export.load_trained(model_wd)
+    trained = export.load_trained(model_wd, mc.members)
     cfg = trained[0]
     meta = export.system_metadata(cfg)
     protein = meta["proteins"][0]
@@ -222,13 +225,18 @@ def train_and_evaluate(config, workdir: str):
     frame_ps = float(mc.reference_frame_ps) or (stored.pop() if len(stored) == 1 else 0.0)
     ref_obs = [observables(t, folded, contacts) for t in ref_trajs]
     tica = analysis.tica([analysis.pair_distances(t) for t in ref_trajs], lag=mc.tica_lag, dim=2)
-    report = {"model_workdir": model_wd, "temperature": temp, "folded_below": mc.folded_below,
+    report = {"model_workdir": model_wd, "members": trained[4]["members"], "seeds": trained[4]["seeds"],
+              "temperature": temp, "folded_below": mc.folded_below,
               "unfolded_above": mc.unfolded_above, "reference_provenance": prov,
               "tica": {"lag_frames": mc.tica_lag, "timescales_ps": (tica["timescales"] * frame_ps).tolist()},
               "runs": {}}  # fmt: skip
     named, halves = {}, {}
 
     def add(name, trajs, obs, extra):
+        if name != "all-atom":  # the CG trajectories (after burn-in, finite part), for further analysis
+            slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")  # "CG model (jax-md)" -> cg_model_jax_md
+            copies = {f"copy_{c}": t for c, t in enumerate(trajs)}
+            np.savez_compressed(os.path.join(workdir, f"traj_{slug}.npz"), **copies)
         for o, t in zip(obs, trajs, strict=True):
             o["tica"] = analysis.tica_project(analysis.pair_distances(t), tica)
         named[name] = _concat(obs)
@@ -250,7 +258,7 @@ def train_and_evaluate(config, workdir: str):
              "wall_s": timing["seconds"], "nonfinite_copies": timing["nonfinite"]})  # fmt: skip
     run = None
     if mc.lammps.enabled:
-        folder = export.write(model_wd, os.path.join(workdir, "export"))
+        folder = export.write(model_wd, os.path.join(workdir, "export"), members=mc.members)
         run_dir = os.path.join(workdir, "lammps")
         try:
             run = lammps.run(folder, run_dir, ensemble="nvt", temperature=float(temp), steps=mc.lammps.steps,

@@ -25,6 +25,7 @@ staged training.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import pathlib
@@ -336,6 +337,13 @@ def train_and_evaluate(config, workdir: str):
     loop.write_json(workdir, "ensemble.json", ens)
     test = evaluate(config, workdir, model, best["params"], prior_j, splits["test"], "test")
     test["best_seed"] = best["seed"]
+    if n_seeds > 1:  # the members' mean energy (export.load_trained(members="mean"), md.members="mean")
+        stacked = jax.tree.map(lambda *p: np.stack(p), *[r["params"] for r in results])
+        os.makedirs(os.path.join(workdir, "ensemble_mean"), exist_ok=True)
+        mean = evaluate(config, os.path.join(workdir, "ensemble_mean"), dataclasses.replace(model, members=n_seeds),
+                        stacked, prior_j, splits["test"], "test")  # fmt: skip
+        test["ensemble_mean"] = {k: mean[k] for k in ("model", "mse_ratio_model_over_priors", "paired_mse_gain")}
+        log.info("test force MSE of the %d members' mean: %.4g", n_seeds, mean["model"]["mse"])
     if config.eval.noise_floor.enabled and jax.process_index() == 0:
         floor = noise_floor(config, workdir, splits["test"], data.force_maps(builder))
         nf = test["noise_floor_mse"] = floor["noise_mse"]
