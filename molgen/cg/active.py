@@ -44,6 +44,7 @@ import logging
 import os
 import pathlib
 import time
+import types
 
 import h5py
 import numpy as np
@@ -61,8 +62,6 @@ BLOWUP_MARGIN = 5  # frames kept out before a copy's first non-finite frame
 def explore(trained, meta: dict, temperature: float, steps: int, record_every: int, seed: int, starts=None):
     """CG frames [C, F, R, 3] of jax-md Langevin MD (2 fs, damping 500 fs) of C copies from
     `starts` (default: one from the folded structure); NaN where a copy had blown up."""
-    import types
-
     mc = types.SimpleNamespace(temperature=temperature, dt=2.0, steps=steps, damp=500.0, seed=seed,
                                record_every=record_every, burn_in=0.0)  # fmt: skip
     folded = np.asarray(meta["proteins"][0]["folded"])
@@ -161,9 +160,8 @@ def run_round(model_workdir: str, out: str, temperatures=(320, 348), steps: int 
             if copies > 1:
                 folded = np.asarray(meta["proteins"][0]["folded"])
                 ref, _ = landscape.reference_runs(cfg.data.source, domain, t_data)
-                contacts = analysis.native_contacts(folded)
-                ref_obs = [landscape.observables(t, folded, contacts) for t in ref]
-                begin = landscape.starts(folded, ref, ref_obs, copies, unfolded_above)
+                rmsd = [{"rmsd": analysis.kabsch_rmsd(t, folded)} for t in ref]  # all that starts() reads
+                begin = landscape.starts(folded, ref, rmsd, copies, unfolded_above)
             frames, folded = explore(trained, meta, temp, steps, record_every, seed, begin)
             np.savez(traj_path, frames=frames, folded=folded)
             log.info("explored %d K: %d copies x %d steps in %.0f s", temp, len(frames), steps, time.time() - t0)

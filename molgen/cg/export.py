@@ -92,7 +92,6 @@ def load_trained(workdir: str, members: str = "best"):
     if vmapped:
         n = config.ensemble.seeds
         template = jax.tree.map(lambda s: jax.ShapeDtypeStruct((n, *s.shape), s.dtype), template)
-    if vmapped:
         params = jax.tree.map(lambda p: p[np.asarray(seeds)], checkpoint.restore_params(str(run_dir), template))
     else:
         each = [checkpoint.restore_params(str(wd / f"seed_{k}" / stages[-1]), template) for k in seeds]
