@@ -20,6 +20,7 @@ FAMILIES = {
     "cg": "molgen.cg.train",
     "cg_md": "molgen.cg.production",
     "cg_landscape": "molgen.cg.landscape",
+    "cg_relent": "molgen.cg.relent",
     "crystal_vae": "molgen.crystal.train_vae",
     "crystal_ldm": "molgen.crystal.train_ldm",
     "crystal_predictor": "molgen.crystal.train_predictor",

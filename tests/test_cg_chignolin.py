@@ -1,17 +1,20 @@
 """Chignolin end to end through the real CLI on the committed reference data: the tiny model
-(stored force map, 340 K frames only) and its landscape against the all-atom reference."""
+(stored force map, 340 K frames only), its relative-entropy fine-tuning, and the fine-tuned
+model's landscape against the all-atom reference."""
 
 import json
 import subprocess
 import sys
 
 import cg_run
+import jax
 import numpy as np
+import pytest
 
 CLI = [sys.executable, "-m", "molgen.main"]
 
 
-def test_tiny_chignolin_model_and_landscape(tmp_path):
+def test_tiny_chignolin_model_relent_and_landscape(tmp_path):
     model = tmp_path / "model"
     train = [*CLI, "--config=experiments/cg_chignolin.py:tiny", f"--workdir={model}",
              f"--config.data.data_dir={tmp_path / 'tfds'}"]  # fmt: skip
@@ -19,8 +22,25 @@ def test_tiny_chignolin_model_and_landscape(tmp_path):
     assert res.returncode == 0, res.stderr[-4000:]
     ev = json.loads((model / "evaluation.json").read_text())
     assert ev["frames"] > 0 and ev["model"]["mse"] > 0 and ev["priors_only"]["mse"] > 0
+    base_mse = ev["model"]["mse"]
+    rem = tmp_path / "rem"
+    cmd = [*CLI, "--config=experiments/cg_chignolin_rem.py:tiny", f"--workdir={rem}",
+           f"--config.md.model_workdir={model}", "--config.md.model_experiment="]  # fmt: skip
+    res = subprocess.run(cmd, cwd=cg_run.ROOT, env=cg_run.env(), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    ev = json.loads((rem / "evaluation.json").read_text())
+    assert ev["model"]["mse"] > 0 and ev["base"]["model"]["mse"] == pytest.approx(base_mse, rel=1e-4)
+    steps = [json.loads(line) for line in (rem / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in steps if "train/rem_gap" in r]
+    assert len(train_rows) == 3 and all(np.isfinite(r["train/rem_gap"]) for r in train_rows)
+    from molgen.cg import export
+
+    tuned, base = export.load_trained(str(rem)), export.load_trained(str(model))
+    assert tuned[4]["relent_checkpoint"].startswith(str(rem))
+    diff = [float(np.abs(a - b).max()) for a, b in zip(*(jax.tree.leaves(t[2]) for t in (tuned, base)), strict=True)]
+    assert max(diff) > 0
     wd = tmp_path / "md"
-    md = [*CLI, "--config=experiments/cg_chignolin_md.py:tiny", f"--workdir={wd}", f"--config.md.model_workdir={model}",
+    md = [*CLI, "--config=experiments/cg_chignolin_md.py:tiny", f"--workdir={wd}", f"--config.md.model_workdir={rem}",
           "--config.md.model_experiment="]  # fmt: skip
     res = subprocess.run(md, cwd=cg_run.ROOT, env=cg_run.env(), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]

@@ -270,3 +270,43 @@ def test_ensemble_mean_energy_is_the_mean_of_its_members():
     assert abs(float(e0) - float(e1)) > 1e-3  # the members differ
     np.testing.assert_allclose(float(em), 0.5 * (float(e0) + float(e1)), rtol=1e-5)
     np.testing.assert_allclose(fm, 0.5 * (f0 + f1), rtol=1e-4, atol=1e-4)
+
+
+def test_relent_loss_gradient_is_beta_times_reference_minus_cg_energy_gradients():
+    """rem_loss with fm_weight 0: loss / weight = beta (<U>_ref - <U>_CG), so its parameter
+    gradient is the relative-entropy estimate beta (<dU/dθ>_ref - <dU/dθ>_CG), per-frame
+    gradients averaged by hand; with fm_weight 1 the force-matching gradient adds to it."""
+    from molgen.cg import relent
+
+    _, model, params, pp, x, spc, mask = _model()
+    rng = np.random.default_rng(3)
+    ref = jnp.stack([x, x * 1.03, x * 0.98])
+    cg = jnp.stack([x * 1.1, x + jnp.asarray(rng.normal(0, 0.3, x.shape), jnp.float32)]) * mask[:, None]
+    cg = jnp.where(mask[:, None], cg, x)  # padded beads stay parked
+    batch = {"positions": ref, "species": jnp.stack([spc] * 3), "mask": jnp.stack([mask] * 3),
+             "forces": jnp.zeros_like(ref), "extra": jnp.zeros(3, bool),
+             "cg_positions": cg, "cg_species": jnp.stack([spc] * 2), "cg_mask": jnp.stack([mask] * 2)}  # fmt: skip
+    beta = 1.5
+
+    def scaled_grad(fn):  # what the shared step differentiates: loss / weight
+        def scaled(p):
+            loss, aux = fn(p, batch, None)
+            return loss / jax.lax.stop_gradient(aux["weight"]), aux
+
+        return jax.jit(jax.grad(scaled, has_aux=True))(params)
+
+    def grad_of(fm_weight):
+        return scaled_grad(relent.rem_loss(model, pp, beta=beta, fm_weight=fm_weight, rem_weight=1.0, gamma_f=1.0))
+
+    g, aux = grad_of(0.0)
+    e = jax.jit(jax.grad(lambda p, a: energy.frame_energy(model, p, pp, a, spc, mask)[0]))
+    mean = lambda frames: jax.tree.map(lambda *t: sum(t) / len(t), *[e(params, f) for f in frames])  # noqa: E731
+    want = jax.tree.map(lambda r, c: beta * (r - c), mean(ref), mean(cg))
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=1e-6)
+    e_val = lambda f: float(energy.frame_energy(model, params, pp, f, spc, mask)[0])  # noqa: E731
+    gap = beta * (np.mean([e_val(f) for f in ref]) - np.mean([e_val(f) for f in cg]))
+    assert np.isclose(float(aux["rem_gap"]) / float(aux["weight"]), gap, rtol=1e-4)
+    g_fm = scaled_grad(train.force_loss(model, pp, 1.0))[0]
+    for a, b, c in zip(*(jax.tree.leaves(t) for t in (grad_of(1.0)[0], g, g_fm)), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b) + np.asarray(c), rtol=2e-3, atol=1e-5)

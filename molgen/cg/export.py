@@ -69,6 +69,13 @@ def load_trained(workdir: str, members: str = "best"):
     from molgen.core import checkpoint
 
     wd = pathlib.Path(workdir)
+    if (wd / "relent.json").exists():  # a relent fine-tuning (molgen.cg.relent): its base model, its parameters
+        if members != "best":
+            raise ValueError(f"{wd}: a relent run fine-tunes one model; members must be 'best', got {members!r}")
+        base = load_trained(json.loads((wd / "relent.json").read_text())["model_workdir"], "best")
+        template = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), base[2])
+        info = {**base[4], "relent_checkpoint": str(wd / "checkpoints")}
+        return base[0], base[1], checkpoint.restore_params(str(wd), template), base[3], info
     for name in ("config.json", "ensemble.json"):
         if not (wd / name).exists():
             raise FileNotFoundError(f"{wd}: no {name}; is this a finished CG training workdir?")

@@ -71,9 +71,9 @@ def energy_factory(model, nn_params, prior_params, sys: System, skin: float = 0.
     species = jnp.asarray(sys.species)
     mask = jnp.ones(len(sys.positions), bool)
 
-    def energy(x, neighbor):
+    def energy(x, neighbor, params=None):  # params: other network parameters (relent samples while it trains)
         edges = neighbors.edges(neighbor.idx, x.shape[0]) if use_net else None
-        return graph_energy(model, nn_params, pp, x, species, mask, edges, topo)[0]
+        return graph_energy(model, nn_params if params is None else params, pp, x, species, mask, edges, topo)[0]
 
     return energy, fn
 
