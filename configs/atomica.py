@@ -19,8 +19,10 @@ def data() -> ml_collections.ConfigDict:
 
 
 def model(tp: str = "fully_connected") -> ml_collections.ConfigDict:
-    """ATOMICA's sizes: hidden 32, 4 layers per level, 4 heads, 4 pooling attention layers."""
-    return ml_collections.ConfigDict(dict(hidden=32, layers=4, heads=4, pool_layers=4, tp=tp))
+    """ATOMICA's sizes: hidden 32, 4 layers per level, 4 heads, 4 pooling attention layers.
+    rigid_head: the pretraining's contact term of the translation and rotation scores, "forces"
+    or "lsq" (molgen.atomica.model.Pretrainer; docs/atomica.md, run D)."""
+    return ml_collections.ConfigDict(dict(hidden=32, layers=4, heads=4, pool_layers=4, tp=tp, rigid_head="forces"))
 
 
 def pretrain(variant: str) -> ml_collections.ConfigDict:

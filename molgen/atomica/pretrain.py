@@ -226,7 +226,7 @@ def combine(results: list) -> dict:
 
 
 def make_model(mc) -> am.Pretrainer:
-    return am.Pretrainer(**{k: mc[k] for k in am.SIZE_KEYS})
+    return am.Pretrainer(**{k: mc[k] for k in am.SIZE_KEYS}, rigid_head=mc.rigid_head)
 
 
 def one_batch(item, seed: int = 0) -> dict:
