@@ -336,14 +336,12 @@ class Pretrainer(Sized):
         return out
 
 
-def _contact_forces(mod, b, s, centre, noised, cutoff: float = 8.0):
-    """Rigid-body scores of the noised segment from learned pair forces across the interface:
-    every atom-level edge between a noised and a partner atom carries a force
-    phi(distance, both atoms' scalars) * envelope along the partner -> noised direction; the
-    translation score is their sum per interface, the rotation score (1e) their torque about
-    the noised segment's centre (its own output of phi: the two scores differ in scale). phi's
-    last layer starts at zero."""
-    src, dst, ng = b["atom_src"], b["atom_dst"], b["graph_mask"].shape[0]
+def _contact_edges(mod, b, s, noised, cutoff: float):
+    """The atom-level edges between a noised and a partner atom within `cutoff`, each with
+    phi(distance, both atoms' scalars) (2 outputs; the last layer starts at zero): (phi [E, 2],
+    unit vector partner -> noised [E, 3], interface of each edge [E], envelope x valid [E],
+    noised end [E])."""
+    src, dst = b["atom_src"], b["atom_dst"]
     cross = (b["atom_etype"] == gr.INTER) & b["atom_edge_mask"] & (noised[dst] != noised[src])
     n_at = jnp.where(noised[dst], dst, src)  # the noised end of each edge
     p_at = jnp.where(noised[dst], src, dst)
@@ -353,9 +351,19 @@ def _contact_forces(mod, b, s, centre, noised, cutoff: float = 8.0):
     env = 0.5 * (jnp.cos(jnp.pi * jnp.minimum(d, cutoff) / cutoff) + 1.0)
     e = jnp.concatenate([gaussians(d, cutoff), s[n_at], s[p_at]], axis=-1)
     hid = nn.silu(nn.Dense(2 * mod.hidden, name="force_0")(e))
-    f = nn.Dense(2, kernel_init=nn.initializers.zeros, name="force_out")(hid) * (env * ok)[:, None]
-    unit = u / jnp.maximum(d, 1e-6)[:, None]
-    g = b["atom_graph"][n_at]
+    phi = nn.Dense(2, kernel_init=nn.initializers.zeros, name="force_out")(hid)
+    return phi, u / jnp.maximum(d, 1e-6)[:, None], b["atom_graph"][n_at], env * ok, n_at
+
+
+def _contact_forces(mod, b, s, centre, noised, cutoff: float = 8.0):
+    """Rigid-body scores of the noised segment from learned pair forces across the interface:
+    every contact edge (`_contact_edges`) carries a force phi * envelope along the partner ->
+    noised direction; the translation score is their sum per interface, the rotation score (1e)
+    their torque about the noised segment's centre (its own output of phi: the two scores
+    differ in scale)."""
+    phi, unit, g, env, n_at = _contact_edges(mod, b, s, noised, cutoff)
+    ng = b["graph_mask"].shape[0]
+    f = phi * env[:, None]
     r = b["x"][n_at] - centre[g]
     trans = jax.ops.segment_sum(f[:, :1] * unit, g, ng)
     rot = jax.ops.segment_sum(f[:, 1:] * jnp.cross(r, unit), g, ng)
@@ -364,30 +372,18 @@ def _contact_forces(mod, b, s, centre, noised, cutoff: float = 8.0):
 
 def _rigid_fit(mod, b, s, centre, noised, cutoff: float = 8.0):
     """`model.rigid_head="lsq"`: rigid-body scores of the noised segment from a least-squares
-    rigid fit to learned contact misfits. Every atom-level edge between a noised and a partner atom predicts how far the
-    noised atom sits off its place along the partner -> noised direction n: a scalar
-    m = phi(distance, both atoms' scalars) with weight w = softplus(psi(...)) * envelope. A rigid
-    displacement (v, omega) moves that atom by v + omega x r (r from the noised segment's centre,
-    in units of its radius of gyration), n . v + (r x n) . omega along n; (v, omega) minimise
-    sum w (m - n . v - (r x n) . omega)^2 (+ a small ridge), a 6 x 6 solve per interface
-    (point-to-plane ICP). Fitting both at once lets the tilt of the contact patch explain the
-    shift a rotation causes there, so it is not read as translation, and the result is in Å
-    whatever the number of contacts. Scores: learned gains times v (1o) and omega (1e). phi's
-    last layer starts at zero."""
-    src, dst, ng = b["atom_src"], b["atom_dst"], b["graph_mask"].shape[0]
-    cross = (b["atom_etype"] == gr.INTER) & b["atom_edge_mask"] & (noised[dst] != noised[src])
-    n_at = jnp.where(noised[dst], dst, src)  # the noised end of each edge
-    p_at = jnp.where(noised[dst], src, dst)
-    u, ok = safe_vec(b["x"][n_at] - b["x"][p_at])
-    d = jnp.linalg.norm(u, axis=-1)
-    ok = ok & cross & (d < cutoff)
-    env = 0.5 * (jnp.cos(jnp.pi * jnp.minimum(d, cutoff) / cutoff) + 1.0)
-    e = jnp.concatenate([gaussians(d, cutoff), s[n_at], s[p_at]], axis=-1)
-    hid = nn.silu(nn.Dense(2 * mod.hidden, name="force_0")(e))
-    out = nn.Dense(2, kernel_init=nn.initializers.zeros, name="force_out")(hid)
-    m, w = out[:, 0], jax.nn.softplus(out[:, 1] + 1.0) * env * ok
-    unit = u / jnp.maximum(d, 1e-6)[:, None]
-    g = b["atom_graph"][n_at]
+    rigid fit to learned contact misfits. Every contact edge (`_contact_edges`) predicts how far
+    its noised atom sits off its place along the partner -> noised direction n: m = phi_0, with
+    weight w = softplus(phi_1 + 1) * envelope. A rigid displacement (v, omega) moves that atom
+    by v + omega x r (r from the noised segment's centre, in units of its radius of gyration),
+    n . v + (r x n) . omega along n; (v, omega) minimise sum w (m - n . v - (r x n) . omega)^2
+    (+ a small ridge), a 6 x 6 solve per interface (point-to-plane ICP). Fitting both at once
+    lets the tilt of the contact patch explain the shift a rotation causes there, so it is not
+    read as translation, and the result is in Å whatever the number of contacts. Scores: learned
+    gains times v (1o) and omega (1e)."""
+    phi, unit, g, env, n_at = _contact_edges(mod, b, s, noised, cutoff)
+    ng = b["graph_mask"].shape[0]
+    m, w = phi[:, 0], jax.nn.softplus(phi[:, 1] + 1.0) * env
     rel = b["x"] - centre[b["atom_graph"]]
     rg2 = segment_mean(jnp.sum(rel**2, -1, keepdims=True), b["atom_graph"], ng, noised)[:, 0]
     r = (b["x"][n_at] - centre[g]) / jnp.sqrt(rg2 + 1.0)[g, None]
