@@ -300,15 +300,16 @@ def train_and_evaluate(config, workdir: str):
     recs = {s: [site_record(src[s][i]) for i in range(len(src[s]))] for s in ad.SPLITS}
     log.info("binding sites: proteins %s, residues %s, positives %s", {s: len(recs[s]) for s in ad.SPLITS},
              rep["residues"], rep["positives"])  # fmt: skip
-    model = SiteModel(**config.model.to_dict())
+    sizes = {k: config.model[k] for k in am.SIZE_KEYS}  # rigid_head is the pretraining's alone
+    model = SiteModel(**sizes)
     sample = _sample_batch(recs["train"][0])
     # seed + 1: the random encoder is not the pretraining run's own initialisation (seed)
     params0 = jax.device_get(jax.jit(model.init)(jax.random.key(config.train.seed + 1), sample)["params"])
     pre = upstream.ensure_run(config.pretrain_workdir, config.pretrain_config)
     enc, info = pretrained_encoder(pre, recs["train"][0])
     want = {k: info[k] for k in am.SIZE_KEYS}
-    if want != config.model.to_dict():
-        raise ValueError(f"config.model {config.model.to_dict()} differs from the pretrained run's {want} ({pre})")
+    if want != sizes:
+        raise ValueError(f"config.model {sizes} differs from the pretrained run's {want} ({pre})")
     results, scores = {}, {}
     sc = config.site
     train = recs["train"]
@@ -316,7 +317,7 @@ def train_and_evaluate(config, workdir: str):
         pick = np.sort(np.random.default_rng(config.train.seed).choice(len(train), sc.max_train, replace=False))
         train = [train[i] for i in pick]
     if sc.mode == "frozen":
-        enc_model = am.Encoder(**config.model.to_dict())
+        enc_model = am.Encoder(**sizes)
         labels_tr = [np.asarray(r["label"]) for r in train]
         c_tr, c_te = [residue_features(r) for r in train], [residue_features(r) for r in recs["test"]]
         for name, ep in (("pretrained", enc), ("random", params0["encoder"])):
