@@ -8,7 +8,7 @@ import sys
 import pytest
 from test_cli import _env, kill_when
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, built_once
 
 CFG = "--config=experiments/atomica_pretrain.py:tiny"
 
@@ -28,15 +28,19 @@ def _train(path):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("tfds")
+def shared(tmp_path_factory):
+    """The tiny pretraining run `ref` and its TFDS folder `tfds`, built once for all workers."""
+    return built_once(tmp_path_factory, "atomica", lambda d: _cli(d / "ref", d / "tfds"))
 
 
 @pytest.fixture(scope="module")
-def reference(data_dir, tmp_path_factory):
-    wd = tmp_path_factory.mktemp("atomica") / "ref"
-    _cli(wd, data_dir)
-    return wd
+def data_dir(shared):
+    return shared / "tfds"
+
+
+@pytest.fixture(scope="module")
+def reference(shared):
+    return shared / "ref"
 
 
 def test_pretrain_tiny_writes_losses_beside_baselines(reference):

@@ -53,6 +53,12 @@ def test_tiny_chignolin_model_relent_and_landscape(tmp_path):
         run = rep["runs"][name]
         assert 0 <= run["overlap_rmsd_q"] <= 1 and 0 <= run["halves_overlap_rmsd_q"] <= 1, name
         assert 0 <= run["folded_fraction"] <= 1, name
+    # the LAMMPS copies start as the jax-md ones: even copies folded, odd ones unfolded reference frames
+    from molgen.cg import analysis, production
+
+    first = production.read_dump(wd / "lammps" / "traj.lammpstrj")[0].reshape(4, 10, 3)
+    rmsd = analysis.kabsch_rmsd(first, first[0])
+    assert rmsd[2] < 0.5 and rmsd[1] > 3 and rmsd[3] > 3, rmsd
     with np.load(wd / "traj_cg_model_jax_md.npz") as z:  # the copies after burn-in, kept for analysis
         assert len(z.files) == 4 and z["copy_0"].shape[1:] == (10, 3)
     for f in ("fes_1d.png", "fes_2d_rmsd_q.png", "fes_2d_tica.png"):

@@ -117,6 +117,24 @@ def test_neighbour_list_overflow_reallocates_never_drops():
     assert not neighbors.overflowed(grown)
 
 
+def test_capacities_are_pairs_not_pairs_per_particle():
+    """jax-md's extra_capacity counts per particle for sparse lists; with_capacity and grow give
+    the number of pairs asked for, and updates keep it."""
+    x, _, _ = _frame(n=40, n_max=40)
+    fn = neighbors.neighbor_fn(6.0)
+    first = fn.allocate(x)
+    n_pairs = int((first.idx[0] < 40).sum())
+    padded = neighbors.with_capacity(first, first.idx.shape[1] + 7)
+    assert padded.idx.shape == (2, first.idx.shape[1] + 7) and np.all(padded.idx[:, -7:] == 40)
+    moved = fn.update(x * 1.02, padded)
+    assert moved.idx.shape == padded.idx.shape and int((moved.idx[0] < 40).sum()) >= n_pairs * 0.9
+    grown = neighbors.grow(fn, x, first)
+    assert grown.idx.shape[1] == int(first.idx.shape[1] * 1.5) < 40 * 39
+    assert neighbors.grow(fn, x, neighbors.with_capacity(first, 40 * 39)).idx.shape[1] == 40 * 39
+    with pytest.raises(ValueError, match="below"):
+        neighbors.with_capacity(first, 3)
+
+
 def test_parked_beads_never_enter_the_neighbour_list():
     x, _, mask = _frame()
     nbrs = neighbors.batch(neighbors.neighbor_fn(12.0), x[None])

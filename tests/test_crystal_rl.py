@@ -12,6 +12,7 @@ from test_cli import kill_when
 from test_crystal import ROOT, _cli, tiny_csvs  # noqa: F401  (a fixture)
 
 from molgen.core import checkpoint
+from tests.conftest import built_once
 
 
 def lines(path):
@@ -20,13 +21,14 @@ def lines(path):
 
 @pytest.fixture(scope="module")
 def ldm(tiny_csvs, tmp_path_factory):  # noqa: F811
-    t = tmp_path_factory.mktemp("crystal_rl")
-    dd = str(t / "tfds")
-    _cli("experiments/crystal_vae_mp20.py:tiny", t / "vae", f"--config.data.source={tiny_csvs}",
-         f"--config.data.data_dir={dd}")  # fmt: skip
-    _cli("experiments/crystal_ldm_mp20.py:tiny", t / "ldm", f"--config.vae_workdir={t / 'vae'}",
-         f"--config.data_dir={dd}", "--config.predictor_workdir=", "--config.vae_config=")  # fmt: skip
-    return t
+    def build(t):
+        dd = str(t / "tfds")
+        _cli("experiments/crystal_vae_mp20.py:tiny", t / "vae", f"--config.data.source={tiny_csvs}",
+             f"--config.data.data_dir={dd}")  # fmt: skip
+        _cli("experiments/crystal_ldm_mp20.py:tiny", t / "ldm", f"--config.vae_workdir={t / 'vae'}",
+             f"--config.data_dir={dd}", "--config.predictor_workdir=", "--config.vae_config=")  # fmt: skip
+
+    return built_once(tmp_path_factory, "crystal_rl", build)
 
 
 COMPARE = ("loss", "kl", "ratio", "grad_norm", "reward", "r_creativity", "r_structure_diversity")

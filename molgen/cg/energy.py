@@ -80,7 +80,7 @@ def make_model(config, n_max: int, capacity: int, example_positions) -> Model:
     fn = neighbors.neighbor_fn(mc.cutoff, box=box or None)
     x0 = jnp.mod(jnp.asarray(example_positions), box) if box else jnp.asarray(example_positions)
     first = fn.allocate(x0)
-    template = fn.allocate(x0, extra_capacity=max(0, capacity - first.idx.shape[1]))
+    template = neighbors.with_capacity(first, max(capacity, first.idx.shape[1]))
     pc = config.priors
     weights = {k: float(pc.weights[k]) for k in priors.TERMS}
     return Model(net, priors.topology(n_max), fn, template, weights, bool(pc.excluded_volume), box)

@@ -211,14 +211,17 @@ def _callback(lmp, ff: ForceField, stats: Stats):
 
 def system(meta: dict, copies: int = 1, spacing: float = 60.0, protein: int = 0, positions=None):
     """(positions [N, 3] in tag order, resnames, species, chains, masses by name) for `copies`
-    copies of the artifact's protein on a cubic grid `spacing` Å apart (positions default: the
-    folded structure stored in the metadata)."""
+    copies of the artifact's protein on a cubic grid `spacing` Å apart (positions: [n, 3] for
+    every copy, or [copies, n, 3], one start per copy; default: the folded structure stored in
+    the metadata)."""
     p = meta["proteins"][protein]
     x = np.asarray(positions if positions is not None else p["folded"], np.float64)
-    x = x - x.mean(0)
+    x = np.broadcast_to(x, (copies, *x.shape[-2:])) if x.ndim == 2 else x
+    if x.shape != (copies, p["n_beads"], 3):
+        raise ValueError(f"positions {x.shape}: need [{p['n_beads']}, 3] or [{copies}, {p['n_beads']}, 3]")
     side = int(np.ceil(copies ** (1 / 3) - 1e-9))
     grid = [np.array([i, j, k]) * spacing for i in range(side) for j in range(side) for k in range(side)]
-    xs = np.concatenate([x + o for o in grid[:copies]])
+    xs = np.concatenate([c - c.mean(0) + o for c, o in zip(x, grid[:copies], strict=True)])
     resnames = p["resnames"] * copies
     species = [meta["species"][r] for r in resnames]
     return xs, resnames, np.asarray(species, np.int32), [p["n_beads"]] * copies, meta["species_masses"]

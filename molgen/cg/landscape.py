@@ -5,7 +5,8 @@ the landscape is a property of the data, not a held-out score), one trajectory p
 CG: `md.copies` independent copies in one jax-md Langevin run (60 Å apart, beyond every cutoff),
 half of them started from the folded structure and half from unfolded reference frames spread
 over all replicas (RMSD above `md.unfolded_above`), for the model and for its
-priors alone; and a LAMMPS run of the exported model (`md.lammps`), as shipped.
+priors alone; and a LAMMPS run of the exported model (`md.lammps`), as shipped, started the
+same way.
 
 Compared, with the definitions of `molgen.cg.analysis`:
 - 1D free energies of CA RMSD to the folded structure, end-to-end distance and Q;
@@ -263,7 +264,9 @@ def train_and_evaluate(config, workdir: str):
         try:
             run = lammps.run(folder, run_dir, ensemble="nvt", temperature=float(temp), steps=mc.lammps.steps,
                              dt=mc.dt, damp=mc.damp, seed=mc.seed, dump_every=mc.record_every,
-                             copies=mc.lammps.copies, chunk=mc.lammps.chunk)  # fmt: skip
+                             copies=mc.lammps.copies, chunk=mc.lammps.chunk,
+                             positions=np.stack(starts(folded, ref_trajs, ref_obs, mc.lammps.copies,
+                                                       mc.unfolded_above)))  # fmt: skip
         except Exception as e:  # LAMMPS stops on a blown-up system ("Bond atoms missing"): report it, keep the rest
             log.warning("LAMMPS run failed, reported in landscape.json: %s", str(e)[-300:])
             report["runs"]["CG model (LAMMPS)"] = {"error": str(e)[-1000:], "log": os.path.join(run_dir, "log.lammps")}

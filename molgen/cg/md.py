@@ -117,7 +117,7 @@ def run(model, nn_params, prior_params, sys: System, *, ensemble="nvt", temperat
     while len(frames) < n_chunks:
         new_state, new_nbrs, pe, ke = chunk(state, nbrs)
         if bool(new_nbrs.did_buffer_overflow):  # grow the list and redo the chunk from its start
-            nbrs = nfn.allocate(state.position, extra_capacity=int(nbrs.idx.shape[1] * 0.5))
+            nbrs = neighbors.grow(nfn, state.position, nbrs)
             continue
         state, nbrs = new_state, new_nbrs
         if compiled is None:

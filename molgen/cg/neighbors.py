@@ -9,6 +9,8 @@ would blow up the cell grid); periodic boxes use jax-md's cell list.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax_md import partition, space
@@ -31,14 +33,31 @@ def neighbor_fn(cutoff: float, box=None, capacity_multiplier: float = 1.25):
     )
 
 
+def with_capacity(nbrs, capacity: int):
+    """`nbrs` (sparse) holding exactly `capacity` pairs (padded with N), kept by its updates.
+    jax-md's `allocate(extra_capacity=k)` adds k pairs per particle for sparse lists, N x what a
+    caller asking for k more pairs wants, so capacities are set here instead."""
+    have = nbrs.idx.shape[1]
+    if capacity < have:
+        raise ValueError(f"capacity {capacity} is below the {have} pairs the list already holds")
+    n = nbrs.reference_position.shape[0]
+    pad = jnp.full((2, capacity - have), n, nbrs.idx.dtype)
+    return dataclasses.replace(nbrs, idx=jnp.concatenate([nbrs.idx, pad], 1), max_occupancy=capacity)
+
+
+def grow(fn, position, nbrs, factor: float = 1.5):
+    """A list for `position` after `nbrs` overflowed: `factor` x its capacity, or what the
+    positions need now if that is more (never past all N(N-1) pairs)."""
+    fresh = fn.allocate(position)
+    n = position.shape[0]
+    return with_capacity(fresh, max(fresh.idx.shape[1], min(int(nbrs.idx.shape[1] * factor), n * (n - 1))))
+
+
 def allocate(fn, positions_BxNx3, extra: int = 0):
     """Neighbour lists of a batch, all with the capacity of the densest frame (+ extra)."""
     per_frame = [fn.allocate(p) for p in positions_BxNx3]
     cap = max(n.idx.shape[1] for n in per_frame) + extra
-    frames = [
-        fn.allocate(p, extra_capacity=cap - n.idx.shape[1]) for p, n in zip(positions_BxNx3, per_frame, strict=True)
-    ]
-    return jax.tree.map(lambda *x: jnp.stack(x), *frames)
+    return jax.tree.map(lambda *x: jnp.stack(x), *(with_capacity(n, cap) for n in per_frame))
 
 
 def update(fn, positions_BxNx3, nbrs):

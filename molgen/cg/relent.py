@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax_md import simulate, space
 
-from molgen.cg import analysis, data, export, landscape, md, priors, train
+from molgen.cg import analysis, data, export, landscape, md, neighbors, priors, train
 from molgen.cg.energy import frame_energy, make_model
 from molgen.cg.evaluation import evaluate
 from molgen.cg.production import ensure_model
@@ -88,6 +88,7 @@ def chains(model, nn_params, prior_params, meta, starts: list, *, temperature, d
     init, apply = simulate.nvt_langevin(energy, space.free()[1], dt, kT, gamma=1 / damp)
     mass = jnp.asarray(sys.masses / md.ACCEL, jnp.float32)[:, None]
     key = jax.random.key(seed)
+    piece = 100  # MD steps between neighbour-list overflow checks
     st = {"nbrs": nfn.allocate(jnp.asarray(x0)), "key": key}
     st["state"] = init(key, jnp.asarray(x0), mass=mass, kT=kT, neighbor=st["nbrs"])
 
@@ -111,13 +112,24 @@ def chains(model, nn_params, prior_params, meta, starts: list, *, temperature, d
         mom[bad] = np.asarray(fresh.momentum).reshape(copies, n, 3)[bad]
         st["state"] = fresh.set(momentum=jnp.asarray(mom.reshape(-1, 3)))
 
+    def stretch(params, steps: int):
+        """`steps` steps in pieces of at most `piece`; a piece whose neighbour list overflowed
+        is redone with a longer list (so a regrow costs one piece, not the stretch)."""
+        state, nbrs, done = st["state"], st["nbrs"], 0
+        while done < steps:
+            k = min(piece, steps - done)
+            s, nb = run(state, nbrs, params, k)
+            if bool(nb.did_buffer_overflow):
+                nbrs = neighbors.grow(nfn, state.position, nbrs)
+                log.info("relent: neighbour list grown to %d pairs", nbrs.idx.shape[1])
+                continue
+            state, nbrs, done = s, nb, done + k
+        return state, nbrs
+
     def advance(params, steps: int, frames: int):
         out, resets = [], 0
         while len(out) < frames:
-            state, nbrs = run(st["state"], st["nbrs"], params, steps)
-            if bool(nbrs.did_buffer_overflow):  # grow the list and redo this stretch
-                st["nbrs"] = nfn.allocate(st["state"].position, extra_capacity=int(st["nbrs"].idx.shape[1] * 0.5))
-                continue
+            state, nbrs = stretch(params, steps)
             x = np.asarray(state.position).reshape(copies, n, 3)
             bad = ~np.isfinite(x).all(axis=(1, 2))
             st["state"], st["nbrs"] = state, nbrs
