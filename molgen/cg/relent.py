@@ -31,7 +31,6 @@ priors alone.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -158,8 +157,8 @@ def train_and_evaluate(config, workdir: str):
         raise ValueError(f"{model_wd}: relent needs training frames at md.temperature={mc.temperature} only, "
                          f"got {temps.tolist()} (set the base model's data.temperatures)")  # fmt: skip
     n_max = ref_train["positions"].shape[1]
-    capacity = json.loads(open(os.path.join(model_wd, "model.json")).read())["capacity"]
-    model = make_model(base_cfg, n_max, capacity, ref_train["positions"][0])
+    # every pair: the CG frames go where the data's neighbour capacity (model.json) may not reach
+    model = make_model(base_cfg, n_max, n_max * (n_max - 1), ref_train["positions"][0])
     prior_j = priors.as_jax(prior_params)
 
     meta = export.system_metadata(base_cfg)
