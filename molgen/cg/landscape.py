@@ -177,10 +177,7 @@ def sample(trained, meta, starts_list, mc, use_net: bool) -> list:
     _, model, nn_params, prior_params, _ = trained
     one = md.make_system(meta)
     n = len(one.positions)
-    base = md.make_system(meta, copies=len(starts_list))
-    offsets = base.positions.reshape(len(starts_list), n, 3).mean(1)
-    x = np.concatenate([s - s.mean(0) + o for s, o in zip(starts_list, offsets, strict=True)])
-    sys = md.System(x, base.species, base.masses, base.chains)
+    sys = md.make_system(meta, copies=len(starts_list), positions=np.stack(starts_list))
     frames, _, timing = md.run(model, nn_params, prior_params, sys, ensemble="nvt", temperature=float(mc.temperature),
                                dt=mc.dt, steps=mc.steps, gamma=1 / mc.damp, seed=mc.seed,
                                record_every=mc.record_every, use_net=use_net)  # fmt: skip

@@ -78,9 +78,8 @@ def chains(model, nn_params, prior_params, meta, starts: list, *, temperature, d
     steps x frames steps with `params`, keeping the state between calls."""
     one = md.make_system(meta)
     n, copies = len(one.positions), len(starts)
-    base = md.make_system(meta, copies=copies)
-    offsets = base.positions.reshape(copies, n, 3).mean(1)
-    x0 = np.concatenate([s - s.mean(0) + o for s, o in zip(starts, offsets, strict=True)]).astype(np.float32)
+    base = md.make_system(meta, copies=copies, positions=np.stack(starts))
+    x0 = base.positions.astype(np.float32)
     sys = md.System(x0, base.species, base.masses, base.chains)
     energy, nfn = md.energy_factory(model, nn_params, prior_params, sys)
     kT = md.KB * temperature
