@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from benchmarks.timing import write_json  # noqa: E402
 from molgen.chem import crystal as xtal  # noqa: E402
+from molgen.chem import match_index  # noqa: E402
 from molgen.crystal import metrics  # noqa: E402
 
 MP20 = os.path.join(os.path.dirname(__file__), "..", "third_party", "data", "crystals", "mp_20_subset")
@@ -139,7 +140,7 @@ def main():
     # new path, full size
     valid = np.ones(len(samples), bool)
     t0 = time.perf_counter()
-    index = xtal.MatchIndex(train, workers)
+    index = match_index.MatchIndex(train, workers)
     index.build()  # fingerprints of the training set, inside the clock
     t1 = time.perf_counter()
     unique, novel = metrics.unique_novel(samples, valid, index, workers)
@@ -158,7 +159,7 @@ def main():
     t_old = time.perf_counter() - t0
     per_pair = t_old / max(tried, 1)
     t0 = time.perf_counter()
-    got = xtal.MatchIndex(sub_t, workers).contains_many(sub_s)
+    got = match_index.MatchIndex(sub_t, workers).contains_many(sub_s)
     t_sub = time.perf_counter() - t0
     same = bool((old == got).all())
     print(f"check {ns} x {nt}: exhaustive {t_old:.1f} s ({tried} pairs tried, {1e3 * per_pair:.1f} ms per pair), "

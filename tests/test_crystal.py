@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from molgen.chem import crystal as xtal
+from molgen.chem import match_index
 from molgen.crystal import data, diffusion, vae
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -212,13 +213,13 @@ def test_validity_and_matching():
     assert not xtal.structure_valid(clash)
     shifted = xtal.Crystal(c.lattice, np.mod(c.frac + 0.37, 1.0), c.species)
     assert xtal.match_rms(shifted, c) == pytest.approx(0.0, abs=1e-6)
-    idx = xtal.MatchIndex([c])
+    idx = match_index.MatchIndex([c])
     assert idx.contains(shifted)
     other = xtal.Crystal(c.lattice * 1.0, c.frac, np.asarray([19, 17]))  # KCl in the NaCl cell
     assert not idx.contains(other)
     flat = xtal.Crystal(np.diag([5.6, 5.6, 0.0]), c.frac, c.species)  # no volume: the matcher raises
     idx.add(flat)
-    assert xtal.fingerprint(flat) is None and not idx.contains(flat) and idx.contains(shifted)
+    assert match_index.fingerprint(flat) is None and not idx.contains(flat) and idx.contains(shifted)
     np.testing.assert_array_equal(idx.earlier(), [False, False])
     np.testing.assert_allclose(xtal.density(c), 2.16, rtol=0.02)
 
@@ -275,15 +276,15 @@ def test_prefilter_keeps_matcher_equal_copies():
     sm = xtal.matcher()
     equal = total = 0
     for c in [nacl(), *_mp20("train", 4), *_mp20("train", 4, element=14)]:
-        idx = xtal.MatchIndex([c], workers=1)
+        idx = match_index.MatchIndex([c], workers=1)
         for x in _copies(c, rng):
             total += 1
             if not sm.fit(xtal.to_structure(x), xtal.to_structure(c)):
                 continue  # e.g. a pseudo-translation the move breaks: the matcher's own verdict
             equal += 1
-            assert list(idx.candidates(xtal.fingerprint(x))) == [0]
+            assert list(idx.candidates(match_index.fingerprint(x))) == [0]
             assert idx.contains(x)
-            assert list(xtal.MatchIndex([x], workers=1).candidates(xtal.fingerprint(c))) == [0]
+            assert list(match_index.MatchIndex([x], workers=1).candidates(match_index.fingerprint(c))) == [0]
     assert equal >= 0.9 * total
 
 
@@ -304,13 +305,13 @@ def test_prefilter_equals_exhaustive_matcher():
     rs = [xtal.to_structure(c) for c in refs]
     fit = np.asarray([[sm.fit(xtal.to_structure(q), r) for r in rs] for q in queries])
     assert 6 <= fit.any(1).sum() < len(queries)  # the copies match, some others do not
-    idx = xtal.MatchIndex(refs, workers=1)
+    idx = match_index.MatchIndex(refs, workers=1)
     for q, row in zip(queries, fit, strict=True):
-        assert set(np.flatnonzero(row)) <= set(idx.candidates(xtal.fingerprint(q)).tolist())
+        assert set(np.flatnonzero(row)) <= set(idx.candidates(match_index.fingerprint(q)).tolist())
     np.testing.assert_array_equal(idx.contains_many(queries), fit.any(1))
     seq = refs[:8] + queries[:4]  # queries 0 and 1 copy refs 0 and 5: not unique
     want = [any(sm.fit(xtal.to_structure(c), xtal.to_structure(d)) for d in seq[:i]) for i, c in enumerate(seq)]
-    np.testing.assert_array_equal(xtal.MatchIndex(seq, workers=1).earlier(), want)
+    np.testing.assert_array_equal(match_index.MatchIndex(seq, workers=1).earlier(), want)
 
 
 def test_match_index_fingerprints_only_the_buckets_queries_touch():
@@ -318,7 +319,7 @@ def test_match_index_fingerprints_only_the_buckets_queries_touch():
     never fingerprinted); the answers are those of the fully built index."""
     refs = _mp20("train", 6)
     si = _mp20("train", 6, element=14)
-    idx = xtal.MatchIndex(refs + si, workers=1)
+    idx = match_index.MatchIndex(refs + si, workers=1)
     assert idx.contains(si[2]) and not idx._fp.keys() - set(range(6, 12))
     assert idx.contains_many([refs[0], si[3]]).all()
     assert len(idx.prints) == 12 and len(idx._fp) == 12  # `prints` builds the rest
@@ -327,11 +328,11 @@ def test_match_index_fingerprints_only_the_buckets_queries_touch():
 def test_match_index_pool_and_progress(monkeypatch, caplog):
     """The spawned worker pool gives the in-process answers, and logs progress lines."""
     refs, queries = _novelty_set()
-    want = xtal.MatchIndex(refs, workers=1).contains_many(queries)
-    monkeypatch.setattr(xtal, "POOL_MIN", 1)
-    monkeypatch.setattr(xtal, "PROGRESS_S", 0.0)
+    want = match_index.MatchIndex(refs, workers=1).contains_many(queries)
+    monkeypatch.setattr(match_index, "POOL_MIN", 1)
+    monkeypatch.setattr(match_index, "PROGRESS_S", 0.0)
     with caplog.at_level("INFO", logger="molgen"):
-        got = xtal.MatchIndex(refs, workers=2).contains_many(queries)
+        got = match_index.MatchIndex(refs, workers=2).contains_many(queries)
     np.testing.assert_array_equal(got, want)
     assert any("matching crystals:" in r.getMessage() and "ETA" in r.getMessage() for r in caplog.records)
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from molgen.chem import crystal as xtal
+from molgen.chem import match_index
 from molgen.crystal import metrics, rewards
 from tests.test_crystal import _cscl_nacl, nacl
 
@@ -11,7 +12,7 @@ from tests.test_crystal import _cscl_nacl, nacl
 def test_uniqueness_and_creativity_of_rock_salt_twice_and_a_cscl_type():
     """Samples: rock-salt NaCl (the training crystal itself), the same again, CsCl-type NaCl."""
     samples = [nacl(), nacl(), _cscl_nacl()]
-    index = xtal.MatchIndex([nacl()], workers=1)
+    index = match_index.MatchIndex([nacl()], workers=1)
     valid = np.ones(3, bool)
     unique, novel = metrics.unique_novel(samples, valid, index, workers=1)
     np.testing.assert_array_equal(unique, [1, 0, 1])

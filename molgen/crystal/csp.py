@@ -11,7 +11,7 @@ Evaluation on the held-out (test) compositions, as DiffCSP and CDVAE report it: 
 (stol 0.5, ltol 0.3, angle_tol 10) of each sample against the test crystal of that composition;
 match rate and RMSE (normalised by (V/n)^(1/3), averaged over the matched) for one sample per
 composition and for the best of `csp.k` (a match if any sample matches, its RMSE the smallest).
-Matching runs over all cores (`chem.crystal.pmap`) with a progress line.
+Matching runs over all cores (`chem.match_index.pmap`) with a progress line.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from molgen.chem import crystal as xtal
+from molgen.chem import match_index
 from molgen.crystal import diffusion, structures
 from molgen.crystal.common import crystals_of, load_splits, vae_info
 
@@ -84,7 +85,7 @@ def evaluate(preds: list[list], refs: list, workers: int | None = None) -> dict:
     import os
 
     workers = workers or len(os.sched_getaffinity(0)) or 1
-    rms = xtal.pmap(_match_one, list(zip(preds, refs, strict=True)), workers, "CSP matching")
+    rms = match_index.pmap(_match_one, list(zip(preds, refs, strict=True)), workers, "CSP matching")
     first = [r[0] for r in rms]
     best = [min((x for x in r if x is not None), default=None) for r in rms]
     n = len(refs)

@@ -26,6 +26,7 @@ import warnings
 import numpy as np
 
 from molgen.chem import crystal as xtal
+from molgen.chem import match_index
 
 log = logging.getLogger("molgen")
 
@@ -37,16 +38,16 @@ def validity(crystals) -> tuple[np.ndarray, np.ndarray]:
 
 
 def unique_novel(
-    crystals, valid, train_index: xtal.MatchIndex, workers: int | None = None
+    crystals, valid, train_index: match_index.MatchIndex, workers: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(unique, novel) boolean arrays: a valid crystal is unique when it matches no earlier valid
-    one, and a unique one is novel when it matches no training crystal (`xtal.MatchIndex`, which
+    one, and a unique one is novel when it matches no training crystal (`match_index.MatchIndex`, which
     prefilters the pairs and runs the matcher over `workers` processes, default all cores)."""
     idx = np.flatnonzero(valid)
     unique = np.zeros(len(crystals), bool)
     novel = np.zeros(len(crystals), bool)
     if len(idx):
-        seen = xtal.MatchIndex([crystals[i] for i in idx], workers)
+        seen = match_index.MatchIndex([crystals[i] for i in idx], workers)
         first = ~seen.earlier()
         unique[idx] = first
         novel[idx[first]] = ~train_index.contains_many([seen.prints[i] for i in np.flatnonzero(first)], workers)
@@ -264,7 +265,7 @@ def evaluate(samples, train_crystals, test_crystals, hull: Hull | None = None) -
     n = len(samples)
     struct, comp = validity(samples)
     valid = struct & comp
-    unique, novel = unique_novel(samples, valid, xtal.MatchIndex(train_crystals))
+    unique, novel = unique_novel(samples, valid, match_index.MatchIndex(train_crystals))
     out = {
         "n_samples": n,
         "struct_valid": float(struct.mean()),

@@ -29,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from molgen.chem import crystal as xtal
+from molgen.chem import match_index
 
 PARTS = ("creativity", "energy", "structure_diversity", "composition_diversity")
 WEIGHTS = {"creativity": 1.0, "energy": 1.0, "structure_diversity": 0.1, "composition_diversity": 1.0}
@@ -92,7 +93,7 @@ def amd_or_none(c) -> np.ndarray | None:
         return None
 
 
-def creativity(crystals, unique, novel, train_index: xtal.MatchIndex) -> np.ndarray:
+def creativity(crystals, unique, novel, train_index: match_index.MatchIndex) -> np.ndarray:
     """Per sample: 1 unique and novel, 0 neither (or invalid: `unique` False), else the smallest
     non-zero AMD (L-infinity, per (V/n)^(1/3)) distance to the training and generated structures
     of its formula, clipped to 1."""

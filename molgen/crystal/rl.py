@@ -41,6 +41,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from molgen.chem import crystal as xtal
+from molgen.chem import match_index
 from molgen.core import logging as mlog
 from molgen.core import loop
 from molgen.core import streams as streams_lib
@@ -80,7 +81,7 @@ class RewardContext:
         self.supported_only = bool(config.reward.hull_supported_only)
         self.energy_clip = float(config.reward.get("energy_clip", 1.0))
         self.train = crystals_of(splits["train"])
-        self.index = xtal.MatchIndex(self.train)
+        self.index = match_index.MatchIndex(self.train)
         self.systems = [frozenset(int(z) for z in c.species) for c in self.train]
         self.hull = hull
         self.structure_fn, self.composition_fn = feature_fns(sampler)
