@@ -68,12 +68,13 @@ def test_allegro_is_e3_equivariant_with_the_e3nn_helper(env_norm):
 def test_total_energy_se3_invariant_forces_rotate():
     """With the priors (the dihedral term is chiral, so proper rotations only) and translations."""
     x, spc, mask = _frame()
-    energy = _energy_fn(_params(x, spc), spc, mask, 16)
+    energy = jax.jit(_energy_fn(_params(x, spc), spc, mask, 16))  # eager e3nn is several times slower
     r = np.asarray(e3nn.rand_matrix(jax.random.key(3), ()))
     r = jnp.asarray(r * np.sign(np.linalg.det(r)), jnp.float32)
     y = x @ r.T + jnp.array([3.0, -1.0, 2.0])
     np.testing.assert_allclose(energy(y), energy(x), rtol=1e-4, atol=1e-3)
-    f_x, f_y = -jax.grad(energy)(x), -jax.grad(energy)(y)
+    force = jax.jit(jax.grad(energy))
+    f_x, f_y = -force(x), -force(y)
     np.testing.assert_allclose(f_y[:12], f_x[:12] @ r.T, atol=2e-3 * float(jnp.abs(f_x).max()))
 
 
@@ -162,7 +163,7 @@ def _model(box=0.0):
     if box:
         x = jnp.where(mask[:, None], x + box / 2, x)
     model = energy.make_model(cfg, 16, 16 * 15, x)
-    params = energy.init_net(model, 0, {"positions": x, "species": spc})
+    params = jax.jit(lambda: energy.init_net(model, 0, {"positions": x, "species": spc}))()  # eager: 4x slower
     return train, model, params, priors.as_jax(PRIORS), x, spc, mask
 
 
@@ -183,15 +184,16 @@ def test_periodic_box_minimum_image_energy_and_virial():
     the trace of the virial is minus the derivative of E under uniform scaling of box and beads."""
     box = 32.0
     train, model, params, pp, x, spc, mask = _model(box)
-    e = float(energy.frame_energy(model, params, pp, x, spc, mask)[0])
+    frame_energy = jax.jit(lambda y: energy.frame_energy(model, params, pp, y, spc, mask)[0])
+    e = float(frame_energy(x))
     shifted = x.at[3].add(jnp.array([box, 0.0, -box]))
-    assert np.isclose(float(energy.frame_energy(model, params, pp, shifted, spc, mask)[0]), e, rtol=1e-5)
+    assert np.isclose(float(frame_energy(shifted)), e, rtol=1e-5)
     _, free, fparams, *_ = _model(0.0)
     x_free = jnp.where(mask[:, None], x - box / 2, x)
     e_free = float(energy.frame_energy(free, params, pp, x_free, spc, mask)[0])
     assert np.isclose(e, e_free, rtol=1e-5, atol=1e-4)
 
-    w = energy.frame_forces_virial(model, params, pp, x, spc, mask)[2]
+    w = jax.jit(lambda: energy.frame_forces_virial(model, params, pp, x, spc, mask)[2])()
 
     def scaled_energy(s):
         m = energy.make_model(_tiny_box_config(box * s), 16, 16 * 15, x * s)
@@ -206,7 +208,8 @@ def _tiny_box_config(box):
     from experiments import cg_tiny
 
     cfg = cg_tiny.get_config()
-    cfg.model.update(dict(box=box, cutoff=10.0, inner_cutoff=2.0))
+    # one layer: these tests check energies, forces, virials and losses, not depth; it halves the compiles
+    cfg.model.update(dict(box=box, cutoff=10.0, inner_cutoff=2.0, n_layers=1))
     return cfg
 
 
@@ -253,8 +256,7 @@ def test_force_matching_parameter_gradient_is_finite_with_coincident_beads():
     the training step is, is computed under jax_debug_nans (a NaN in it raises) and is finite
     and not zero."""
 
-    cfg = _tiny_box_config(0.0)
-    cfg.model.n_layers = 1  # one layer keeps the second-order compile to seconds
+    cfg = _tiny_box_config(0.0)  # one layer keeps the second-order compile to seconds
     x, spc, mask = _frame()
     model = energy.make_model(cfg, 16, 16 * 15, x)
     params = jax.jit(lambda: energy.init_net(model, 0, {"positions": x, "species": spc}))()  # eager: 4x slower
@@ -279,12 +281,12 @@ def test_ensemble_mean_energy_is_the_mean_of_its_members():
     import dataclasses
 
     _, model, p0, pp, x, spc, mask = _model()
-    p1 = energy.init_net(model, 1, {"positions": x, "species": spc})
+    p1 = jax.jit(lambda: energy.init_net(model, 1, {"positions": x, "species": spc}))()
     mean = dataclasses.replace(model, members=2)
     stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), p0, p1)
-    e0, f0, _ = energy.frame_forces(model, p0, pp, x, spc, mask)
-    e1, f1, _ = energy.frame_forces(model, p1, pp, x, spc, mask)
-    em, fm, _ = energy.frame_forces(mean, stacked, pp, x, spc, mask)
+    one = jax.jit(lambda p: energy.frame_forces(model, p, pp, x, spc, mask))
+    (e0, f0, _), (e1, f1, _) = one(p0), one(p1)
+    em, fm, _ = jax.jit(lambda p: energy.frame_forces(mean, p, pp, x, spc, mask))(stacked)
     assert abs(float(e0) - float(e1)) > 1e-3  # the members differ
     np.testing.assert_allclose(float(em), 0.5 * (float(e0) + float(e1)), rtol=1e-5)
     np.testing.assert_allclose(fm, 0.5 * (f0 + f1), rtol=1e-4, atol=1e-4)
@@ -322,7 +324,8 @@ def test_relent_loss_gradient_is_beta_times_reference_minus_cg_energy_gradients(
     want = jax.tree.map(lambda r, c: beta * (r - c), mean(ref), mean(cg))
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=1e-6)
-    e_val = lambda f: float(energy.frame_energy(model, params, pp, f, spc, mask)[0])  # noqa: E731
+    e_jit = jax.jit(lambda f: energy.frame_energy(model, params, pp, f, spc, mask)[0])
+    e_val = lambda f: float(e_jit(f))  # noqa: E731
     gap = beta * (np.mean([e_val(f) for f in ref]) - np.mean([e_val(f) for f in cg]))
     assert np.isclose(float(aux["rem_gap"]) / float(aux["weight"]), gap, rtol=1e-4)
     g_fm = scaled_grad(train.force_loss(model, pp, 1.0))[0]
