@@ -110,7 +110,8 @@ def test_binding_site_tiny_cli_and_embeddings(reference, data_dir, small_sources
         finetuned = (wd / "pretrained" / "checkpoints").is_dir() and (wd / "random" / "metrics.jsonl").exists()
         assert finetuned == (mode == "finetune")
     out = tmp_path / "emb" / "interfaces"
-    cmd = [sys.executable, "-m", "molgen.atomica.embed", f"--workdir={reference}", f"--out={out}"]
+    cmd = [sys.executable, "-m", "molgen.atomica.embed", f"--workdir={reference}", f"--out={out}",
+           "--splits=validation,test"]  # fmt: skip
     res = subprocess.run(cmd, cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     import numpy as np
@@ -119,3 +120,4 @@ def test_binding_site_tiny_cli_and_embeddings(reference, data_dir, small_sources
     np.testing.assert_allclose(np.linalg.norm(d["embeddings"], axis=1), 1.0, atol=1e-5)
     rows = (tmp_path / "emb" / "interfaces.csv").read_text().splitlines()
     assert rows[0] == "index,split,entry,structure,segments,modality" and len(rows) == len(d["embeddings"]) + 1
+    assert set(d["split"]) <= {"validation", "test"} and len(d["split"])  # --splits: only those

@@ -56,3 +56,10 @@ def test_site_metrics_hand_cases():
     assert m["residues"] == 9 and m["positives"] == 4 and m["proteins"] == 3
     x = heads.residue_features({"block_type": np.array([cx.AA_START, cx.UNK]), "rsa": np.array([0.2, 0.9])})
     assert x.shape == (2, 22) and x[0, 0] == 1 and x[1, 20] == 1 and x[1, 21] == pytest.approx(0.9)
+
+
+def test_embed_cli_names_a_bad_split(tmp_path):
+    from molgen.atomica import embed
+
+    with pytest.raises(SystemExit, match="splits \\['tset'\\] must be a non-empty subset"):
+        embed.main([f"--workdir={tmp_path}", f"--out={tmp_path / 'e'}", "--splits=tset"])

@@ -355,9 +355,13 @@ def train_and_evaluate(config, workdir: str):
 
 
 # --- interface embeddings --------------------------------------------------------------------------
-def embed(workdir: str, out: str, data_cfg=None, batch: int = 8) -> str:
-    """One L2-normalised embedding per interface of the pretraining run's data (every split):
-    `out`.npz (embeddings, entry, structure file, segments, modality, split) and `out`.csv (the index)."""
+def embed(workdir: str, out: str, data_cfg=None, batch: int = 8, splits=ad.SPLITS) -> str:
+    """One L2-normalised embedding per interface of the pretraining run's data (the `splits`, by
+    default all): `out`.npz (embeddings, entry, structure file, segments, modality, split) and
+    `out`.csv (the index)."""
+    unknown = sorted(set(splits) - set(ad.SPLITS))
+    if unknown or not splits:
+        raise ValueError(f"embed: splits {list(splits)} must be a non-empty subset of {list(ad.SPLITS)}")
     info = json.loads((pathlib.Path(workdir) / "model.json").read_text())
     cfg = json.loads((pathlib.Path(workdir) / "config.json").read_text())
     import ml_collections
@@ -368,7 +372,7 @@ def embed(workdir: str, out: str, data_cfg=None, batch: int = 8) -> str:
     rows, vecs, cap = [], [], gr.Capacity(graphs=batch)
     enc, _ = pretrained_encoder(workdir, builder.as_data_source("train")[0])
     run = jax.jit(enc_model.apply)
-    for split in ad.SPLITS:
+    for split in [sp for sp in ad.SPLITS if sp in splits]:
         s = builder.as_data_source(split)
         for st in range(0, len(s), batch):
             exs = [s[i] for i in range(st, min(st + batch, len(s)))]
