@@ -16,6 +16,7 @@ import pytest
 from test_cli import ROOT, _env, kill_when
 
 from molgen.lm import dpo, rewards, rollouts, sequences, tokenizer
+from tests.conftest import built_once
 
 
 def cli(config, workdir, *overrides, timeout=600):
@@ -30,16 +31,19 @@ def lines(path):
     return [json.loads(x) for x in pathlib.Path(path).read_text().splitlines() if x]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def chain(tmp_path_factory):
-    """tiny pretraining (built by the SFT run, which finds it missing) -> SFT -> rollouts."""
-    t = tmp_path_factory.mktemp("post")
-    res = cli("experiments/lm_sft.py:tiny", t / "sft", f"--config.policy.workdir={t / 'pre'}")
-    assert "building the upstream run" in res.stderr and (t / "pre" / "done.json").exists()
-    assert json.loads((t / "sft" / "policy.json").read_text()) == {"positions": "aligned", "codec": "molecular"}
-    assert (t / "sft" / "eval" / "conformers.json").exists()
-    cli("experiments/lm_rollouts.py:tiny", t / "ro", f"--config.policy.workdir={t / 'sft'}")
-    return t
+    """tiny pretraining (built by the SFT run, which finds it missing) -> SFT -> rollouts; built
+    once for all pytest-xdist workers, and only read by the tests."""
+
+    def build(t):
+        res = cli("experiments/lm_sft.py:tiny", t / "sft", f"--config.policy.workdir={t / 'pre'}")
+        assert "building the upstream run" in res.stderr and (t / "pre" / "done.json").exists()
+        assert json.loads((t / "sft" / "policy.json").read_text()) == {"positions": "aligned", "codec": "molecular"}
+        assert (t / "sft" / "eval" / "conformers.json").exists()
+        cli("experiments/lm_rollouts.py:tiny", t / "ro", f"--config.policy.workdir={t / 'sft'}")
+
+    return built_once(tmp_path_factory, "lm_post", build)
 
 
 def test_rollouts_manifest_judged_and_pairs(chain):
