@@ -56,6 +56,7 @@ def test_pretrain_tiny_writes_losses_beside_baselines(reference):
     assert (reference / "config.json").exists() and (reference / "tensorboard").exists()
 
 
+@pytest.mark.slow  # ~75 s; the core loop's resume is covered by test_cli and the other families' killed runs
 def test_killed_pretraining_resumes_the_same_loss_curve(reference, data_dir, tmp_path):
     wd = tmp_path / "killed"
     cmd = [sys.executable, "-m", "molgen.main", CFG, f"--workdir={wd}", f"--config.data.data_dir={data_dir}",
@@ -88,27 +89,34 @@ def small_sources(tmp_path_factory):
     return src
 
 
-def test_binding_site_tiny_cli_and_embeddings(reference, data_dir, small_sources, tmp_path):
-    for mode in ("frozen", "finetune"):  # tiny: the quick variant's linear probe, then the full variant's fine-tuning
-        wd = tmp_path / f"site_{mode}"
-        cmd = [sys.executable, "-m", "molgen.main", "--config=experiments/atomica_binding_site.py:tiny",
-               f"--workdir={wd}", f"--config.data.data_dir={data_dir}", f"--config.pretrain_workdir={reference}",
-               f"--config.data.sources=('{small_sources}',)", "--config.ckpt.async_save=False",
-               f"--config.site.mode={mode}"]  # fmt: skip
-        res = subprocess.run(cmd, cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=900)
-        assert res.returncode == 0, res.stderr[-4000:]
-        ev = json.loads((wd / "evaluation.json").read_text())
-        assert ev["mode"] == mode
-        ev = ev["test"]
-        for nm in ("pretrained", "random", "logistic"):
-            assert 0 <= ev[nm]["auroc"] <= 1 and len(ev[nm]["auroc_ci"]) == 2
-        assert "pretrained_minus_random" in ev and "pretrained_minus_logistic" in ev
-        assert ev["residues"] > 100 and 0 < ev["positives"] < ev["residues"]
-        assert ev["pretrained"]["auroc"] != ev["random"]["auroc"]  # two different encoders
-        joint = ("pretrained+type_rsa_minus_logistic" in ev) and ("random+type_rsa" in ev)
-        assert joint == (mode == "frozen")  # the probe with type and RSA added: frozen features only
-        finetuned = (wd / "pretrained" / "checkpoints").is_dir() and (wd / "random" / "metrics.jsonl").exists()
-        assert finetuned == (mode == "finetune")
+@pytest.mark.parametrize(
+    "mode",
+    ["frozen", pytest.param("finetune", marks=pytest.mark.slow)],  # finetune: ~65 s, outside the default budget
+)
+def test_binding_site_tiny_cli(mode, reference, data_dir, small_sources, tmp_path):
+    """tiny: the quick variant's linear probe (frozen), or the full variant's fine-tuning."""
+    wd = tmp_path / f"site_{mode}"
+    cmd = [sys.executable, "-m", "molgen.main", "--config=experiments/atomica_binding_site.py:tiny",
+           f"--workdir={wd}", f"--config.data.data_dir={data_dir}", f"--config.pretrain_workdir={reference}",
+           f"--config.data.sources=('{small_sources}',)", "--config.ckpt.async_save=False",
+           f"--config.site.mode={mode}"]  # fmt: skip
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    ev = json.loads((wd / "evaluation.json").read_text())
+    assert ev["mode"] == mode
+    ev = ev["test"]
+    for nm in ("pretrained", "random", "logistic"):
+        assert 0 <= ev[nm]["auroc"] <= 1 and len(ev[nm]["auroc_ci"]) == 2
+    assert "pretrained_minus_random" in ev and "pretrained_minus_logistic" in ev
+    assert ev["residues"] > 100 and 0 < ev["positives"] < ev["residues"]
+    assert ev["pretrained"]["auroc"] != ev["random"]["auroc"]  # two different encoders
+    joint = ("pretrained+type_rsa_minus_logistic" in ev) and ("random+type_rsa" in ev)
+    assert joint == (mode == "frozen")  # the probe with type and RSA added: frozen features only
+    finetuned = (wd / "pretrained" / "checkpoints").is_dir() and (wd / "random" / "metrics.jsonl").exists()
+    assert finetuned == (mode == "finetune")
+
+
+def test_embedding_cli(reference, tmp_path):
     out = tmp_path / "emb" / "interfaces"
     cmd = [sys.executable, "-m", "molgen.atomica.embed", f"--workdir={reference}", f"--out={out}",
            "--splits=validation,test"]  # fmt: skip

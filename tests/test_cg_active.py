@@ -17,6 +17,7 @@ def _cfg(source, **kw):
     return cg_run.data_config(source, **kw)
 
 
+@pytest.mark.slow  # ~2.2 min; keeps the default suite inside its 20-minute budget
 def test_round_writes_fixed_ca_frames_that_join_train_only(cg_trained, cg_source, tmp_path):
     out = tmp_path / "round"
     rep = active.run_round(str(cg_trained), str(out), temperatures=(320,), steps=200, record_every=50, configs=2,

@@ -14,6 +14,7 @@ import pytest
 CLI = [sys.executable, "-m", "molgen.main"]
 
 
+@pytest.mark.slow  # ~5.5 min; keeps the default suite inside its 20-minute budget (pytest -m slow runs it)
 def test_tiny_chignolin_model_relent_and_landscape(tmp_path):
     model = tmp_path / "model"
     train = [*CLI, "--config=experiments/cg_chignolin.py:tiny", f"--workdir={model}",

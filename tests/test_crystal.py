@@ -27,7 +27,7 @@ def nacl() -> xtal.Crystal:
     return xtal.Crystal(lat, np.asarray([[0, 0, 0], [0.5, 0.5, 0.5]]), np.asarray([11, 17]))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_csvs(tmp_path_factory):
     """A CDVAE-format folder: 24/8/8 real MP-20 rows, with one malformed CIF row in train."""
     out = tmp_path_factory.mktemp("crystal_csv")
@@ -460,17 +460,24 @@ def _cli(config: str, workdir, *overrides):
     return r
 
 
-def test_cli_vae_predictor_ldm_tiny(tiny_csvs, tmp_path):
+@pytest.fixture(scope="session")
+def tiny_vae(tiny_csvs, tmp_path_factory):
+    """The tiny VAE run `vae` on tiny_csvs and its TFDS folder `tfds`, built once for all
+    pytest-xdist workers (the CLI test and the RL chain start from it); read-only."""
+    from tests.conftest import built_once
+
+    def build(t):
+        _cli("experiments/crystal_vae_mp20.py:tiny", t / "vae", f"--config.data.source={tiny_csvs}",
+             f"--config.data.data_dir={t / 'tfds'}")  # fmt: skip
+
+    return built_once(tmp_path_factory, "crystal_vae", build)
+
+
+def test_cli_vae_predictor_ldm_tiny(tiny_vae, tmp_path):
     """One short run of each model through the real CLI: VAE, predictor on its features, and a
     band-gap conditioned LDM sampling CIFs scored by the predictor."""
-    data_dir = str(tmp_path / "tfds")
-    v, p, ld = tmp_path / "vae", tmp_path / "pred", tmp_path / "ldm"
-    _cli(
-        "experiments/crystal_vae_mp20.py:tiny",
-        v,
-        f"--config.data.source={tiny_csvs}",
-        f"--config.data.data_dir={data_dir}",
-    )
+    data_dir = str(tiny_vae / "tfds")
+    v, p, ld = tiny_vae / "vae", tmp_path / "pred", tmp_path / "ldm"
     ev = json.loads((v / "evaluation.json").read_text())
     t = ev["test"]  # rates against known answers: test_reconstruct_match_rate_on_hand_made_decodings
     matched = t["match_rate"] * t["n"]

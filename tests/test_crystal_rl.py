@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 from test_cli import kill_when
-from test_crystal import ROOT, _cli, tiny_csvs  # noqa: F401  (a fixture)
+from test_crystal import ROOT, _cli, tiny_csvs, tiny_vae  # noqa: F401  (fixtures)
 
 from molgen.core import checkpoint
 from tests.conftest import built_once
@@ -20,13 +20,15 @@ def lines(path):
 
 
 @pytest.fixture(scope="module")
-def ldm(tiny_csvs, tmp_path_factory):  # noqa: F811
+def ldm(tiny_vae, tmp_path_factory):  # noqa: F811
+    """The tiny LDM on the shared tiny VAE; `ldm`, with `vae` and `tfds` linked beside it."""
+
     def build(t):
-        dd = str(t / "tfds")
-        _cli("experiments/crystal_vae_mp20.py:tiny", t / "vae", f"--config.data.source={tiny_csvs}",
-             f"--config.data.data_dir={dd}")  # fmt: skip
-        _cli("experiments/crystal_ldm_mp20.py:tiny", t / "ldm", f"--config.vae_workdir={t / 'vae'}",
+        vae, dd = tiny_vae / "vae", tiny_vae / "tfds"
+        _cli("experiments/crystal_ldm_mp20.py:tiny", t / "ldm", f"--config.vae_workdir={vae}",
              f"--config.data_dir={dd}", "--config.predictor_workdir=", "--config.vae_config=")  # fmt: skip
+        for name in ("vae", "tfds"):
+            (t / name).symlink_to(tiny_vae / name)
 
     return built_once(tmp_path_factory, "crystal_rl", build)
 
