@@ -233,6 +233,7 @@ def test_dpo_pair_eval_against_hand_computed_margins():
 GRPO_COMPARE = ("reward", "validity", "r_smcov", "kl", "loss", "ratio", "clip_frac", "grad_norm", "completion_len")
 
 
+@pytest.mark.slow  # ~55 s; test_crystal_rl kills and resumes the shared on-policy loop in the default suite
 def test_grpo_killed_resumes_at_the_same_data_position(chain, tmp_path):
     """GRPO SIGKILLed after step 5 (checkpoints every 4 steps, so steps 5+ are traced but not
     saved) and rerun: it resumes at step 4, drops the traced steps after it, and its molecules,
