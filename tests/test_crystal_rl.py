@@ -21,14 +21,12 @@ def lines(path):
 
 @pytest.fixture(scope="module")
 def ldm(tiny_vae, tmp_path_factory):  # noqa: F811
-    """The tiny LDM on the shared tiny VAE; `ldm`, with `vae` and `tfds` linked beside it."""
+    """The tiny LDM (`ldm` in the folder) on the shared tiny VAE."""
 
     def build(t):
         vae, dd = tiny_vae / "vae", tiny_vae / "tfds"
         _cli("experiments/crystal_ldm_mp20.py:tiny", t / "ldm", f"--config.vae_workdir={vae}",
              f"--config.data_dir={dd}", "--config.predictor_workdir=", "--config.vae_config=")  # fmt: skip
-        for name in ("vae", "tfds"):
-            (t / name).symlink_to(tiny_vae / name)
 
     return built_once(tmp_path_factory, "crystal_rl", build)
 
@@ -36,10 +34,10 @@ def ldm(tiny_vae, tmp_path_factory):  # noqa: F811
 COMPARE = ("loss", "kl", "ratio", "grad_norm", "reward", "r_creativity", "r_structure_diversity")
 
 
-def test_rl_killed_resumes_to_the_same_parameters_and_rollouts(ldm, tmp_path):
+def test_rl_killed_resumes_to_the_same_parameters_and_rollouts(ldm, tiny_vae, tmp_path):  # noqa: F811
     from molgen.crystal.train_ldm import load_ldm
 
-    args = [f"--config.ldm_workdir={ldm / 'ldm'}", "--config.ldm_config=", f"--config.data_dir={ldm / 'tfds'}",
+    args = [f"--config.ldm_workdir={ldm / 'ldm'}", "--config.ldm_config=", f"--config.data_dir={tiny_vae / 'tfds'}",
             "--config.ckpt.async_save=False"]  # fmt: skip
     ref = tmp_path / "ref"
     _cli("experiments/crystal_rl_mp20.py:tiny", ref, *args)
@@ -78,14 +76,14 @@ def test_rl_killed_resumes_to_the_same_parameters_and_rollouts(ldm, tmp_path):
         )
 
 
-def test_csp_cli_tiny(ldm, tmp_path):
+def test_csp_cli_tiny(tiny_vae, tmp_path):  # noqa: F811
     """The composition-conditioned LDM trains and predicts structures for test compositions:
     csp.json with k=1 and best-of-k rates, and the k=1 CIFs with exactly the test compositions."""
     from molgen.crystal import common
 
     wd = tmp_path / "csp"
-    _cli("experiments/crystal_csp_mp20.py:tiny", wd, f"--config.vae_workdir={ldm / 'vae'}",
-         f"--config.data_dir={ldm / 'tfds'}", "--config.vae_config=")  # fmt: skip
+    _cli("experiments/crystal_csp_mp20.py:tiny", wd, f"--config.vae_workdir={tiny_vae / 'vae'}",
+         f"--config.data_dir={tiny_vae / 'tfds'}", "--config.vae_config=")  # fmt: skip
     res = json.loads((wd / "csp.json").read_text())
     assert res["n"] == 4 and res["k"] == 2 and set(res) >= {"k1", "k2", "sample_seconds"}
     for k in ("k1", "k2"):
@@ -94,7 +92,7 @@ def test_csp_cli_tiny(ldm, tmp_path):
     from molgen.chem import crystal as xtal
     from molgen.crystal.common import crystals_of, load_splits
 
-    _, _, vinfo = common.load_vae(str(ldm / "vae"))
+    _, _, vinfo = common.load_vae(str(tiny_vae / "vae"))
     cfg = json.loads((wd / "config.json").read_text())
     import ml_collections
 

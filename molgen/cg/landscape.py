@@ -175,8 +175,7 @@ def starts(folded, ref_trajs, ref_obs, copies: int, unfolded_above: float) -> li
 def sample(trained, meta, starts_list, mc, use_net: bool) -> list:
     """jax-md NVT of independent copies from `starts_list`; one [F, R, 3] trajectory per copy."""
     _, model, nn_params, prior_params, _ = trained
-    one = md.make_system(meta)
-    n = len(one.positions)
+    n = len(starts_list[0])
     sys = md.make_system(meta, copies=len(starts_list), positions=np.stack(starts_list))
     frames, _, timing = md.run(model, nn_params, prior_params, sys, ensemble="nvt", temperature=float(mc.temperature),
                                dt=mc.dt, steps=mc.steps, gamma=1 / mc.damp, seed=mc.seed,

@@ -76,8 +76,7 @@ def chains(model, nn_params, prior_params, meta, starts: list, *, temperature, d
     """Persistent Langevin chains of `len(starts)` independent copies (one system, 60 Å apart).
     Returns advance(params, steps, frames) -> (frames [frames, copies, n, 3], resets): runs
     steps x frames steps with `params`, keeping the state between calls."""
-    one = md.make_system(meta)
-    n, copies = len(one.positions), len(starts)
+    n, copies = len(starts[0]), len(starts)
     base = md.make_system(meta, copies=copies, positions=np.stack(starts))
     x0 = base.positions.astype(np.float32)
     sys = md.System(x0, base.species, base.masses, base.chains)
